@@ -1,0 +1,1 @@
+"""Caduceus bookkeeper service (not implemented yet; see the issue tracker)."""

@@ -1,0 +1,1 @@
+"""Caduceus cleaner service (not implemented yet; see the issue tracker)."""

@@ -1,0 +1,1 @@
+"""Shared foundation of the Caduceus services: configuration, spool, logging, errors, events."""

@@ -1,0 +1,1 @@
+"""Caduceus dispatcher service (not implemented yet; see the issue tracker)."""

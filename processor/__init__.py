@@ -1,0 +1,1 @@
+"""Caduceus processor service (not implemented yet; see the issue tracker)."""

@@ -1,0 +1,1 @@
+"""Caduceus router service (not implemented yet; see the issue tracker)."""

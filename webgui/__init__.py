@@ -1,0 +1,1 @@
+"""Caduceus webgui service (not implemented yet; see the issue tracker)."""
