@@ -1,0 +1,5 @@
+import sys
+
+from receiver.main import main
+
+sys.exit(main())

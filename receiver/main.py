@@ -1,0 +1,37 @@
+"""Entry point of the receiver service: ``python -m receiver --config PATH``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from common import exitcodes
+from common.config import CONFIG_ENV, load_config, resolve_config_path
+from common.errors import ConfigError
+from common.logs import setup_logging
+from receiver.server import ReceiverServer
+
+logger = logging.getLogger(__name__)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="caduceus receiver",
+        description="DICOM C-ECHO/C-STORE SCP writing every instance into the incoming spool.",
+    )
+    parser.add_argument(
+        "--config", help=f"configuration file (default: ${CONFIG_ENV} or config/caduceus.json)"
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging("receiver")
+    config_path = resolve_config_path(args.config).absolute()
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        logger.error("invalid configuration %s: %s", config_path, exc)
+        return exitcodes.EX_CONFIG
+    return ReceiverServer(config_path, config).serve()

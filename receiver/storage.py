@@ -1,0 +1,301 @@
+"""Writing received instances into ``incoming/`` (DESIGN §4).
+
+An instance is streamed into a temporary file in ``incoming/.tmp/`` named after the writing process,
+then — once the data set is complete, parsed and accepted — flushed, and renamed into
+``incoming/<SeriesUID>/<SeriesUID>#<SOPUID>.dcm``; its ``.tags`` side-car follows the same way.
+Success is answered only after both names are durable. A crash leaves at most temporary files of
+a dead process, which :func:`clean_stale_temp_files` removes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass
+from io import BytesIO
+from pathlib import Path
+from typing import Final
+
+import psutil
+from pydicom import dcmread
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.errors import InvalidDicomError
+from pydicom.filewriter import write_file_meta_info
+from pydicom.uid import UID
+
+from common.spool import SEPARATOR, TEMP_DIR, fsync_dir
+from receiver import status
+from receiver.tags import extract_tags
+
+logger = logging.getLogger(__name__)
+
+IMPLEMENTATION_CLASS_UID: Final = "1.2.826.0.1.3680043.10.1462.1.1"
+IMPLEMENTATION_VERSION_NAME: Final = "CADUCEUS_010"
+
+MAX_UID_LENGTH: Final = 64
+_UID_PATTERN: Final = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+_PREAMBLE: Final = b"\x00" * 128 + b"DICM"
+
+
+class StoreRefused(Exception):
+    """The instance is refused with a DIMSE failure ``status``; nothing of it is kept."""
+
+    def __init__(self, dimse_status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = dimse_status
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class StoredInstance:
+    series_uid: str
+    study_uid: str
+    sop_instance_uid: str
+    path: Path
+    size: int
+    tags: dict[str, str]
+
+
+@dataclass(frozen=True)
+class PeerInfo:
+    """What the side-car records about the sender."""
+
+    calling_ae: str
+    called_ae: str
+    address: str
+
+
+def check_uid(name: str, value: str) -> str:
+    """``value`` if it is a valid UID safe to use as a file name, else refuse with 0xC211."""
+    if not value:
+        raise StoreRefused(status.INVALID_UID, f"{name} is missing")
+    if len(value) > MAX_UID_LENGTH or not _UID_PATTERN.match(value):
+        shown = value[:80].encode("unicode_escape").decode("ascii")
+        raise StoreRefused(status.INVALID_UID, f"{name} is not a valid UID: {shown!r}")
+    return value
+
+
+class InstanceWriter:
+    """One instance being received: a temporary file that becomes a spool file or disappears."""
+
+    def __init__(
+        self,
+        incoming: Path,
+        sequence: int,
+        *,
+        sop_class_uid: str,
+        sop_instance_uid: str,
+        transfer_syntax: str,
+        peer: PeerInfo,
+    ) -> None:
+        self.incoming = incoming
+        self.sop_class_uid = sop_class_uid
+        self.sop_instance_uid = sop_instance_uid
+        self.transfer_syntax = transfer_syntax
+        self.peer = peer
+        self.error: StoreRefused | None = None
+        self.size = 0
+        tmp_dir = incoming / TEMP_DIR
+        self.tmp_path = tmp_dir / f"{os.getpid()}-{sequence}.dcm"
+        self._fd: int | None = None
+        try:
+            check_uid("AffectedSOPClassUID", sop_class_uid)
+            check_uid("AffectedSOPInstanceUID", sop_instance_uid)
+        except StoreRefused as refused:
+            self.error = refused
+            return
+        try:
+            self._fd = os.open(self.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            self._write(_PREAMBLE + self._file_meta_bytes())
+        except OSError as exc:
+            self._fail_write(exc)
+
+    def _file_meta_bytes(self) -> bytes:
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = UID(self.sop_class_uid)
+        meta.MediaStorageSOPInstanceUID = UID(self.sop_instance_uid)
+        meta.TransferSyntaxUID = UID(self.transfer_syntax)
+        meta.ImplementationClassUID = UID(IMPLEMENTATION_CLASS_UID)
+        meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
+        if self.peer.calling_ae:
+            meta.SourceApplicationEntityTitle = self.peer.calling_ae
+        buffer = BytesIO()
+        write_file_meta_info(buffer, meta, enforce_standard=True)  # type: ignore[arg-type]
+        return buffer.getvalue()
+
+    def write(self, data: memoryview) -> None:
+        """Append a data set fragment; after a failure, fragments are drained and dropped."""
+        if self.error is None:
+            try:
+                self._write(data)
+            except OSError as exc:
+                self._fail_write(exc)
+
+    def _write(self, data: bytes | memoryview) -> None:
+        assert self._fd is not None
+        view = memoryview(data)
+        while view:
+            written = os.write(self._fd, view)
+            view = view[written:]
+            self.size += written
+
+    def _fail_write(self, exc: OSError) -> None:
+        kind = "disk full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "write failed"
+        logger.error("cannot write %s: %s (%s)", self.tmp_path, kind, exc)
+        self.error = StoreRefused(status.OUT_OF_RESOURCES, f"{kind}: {exc.strerror}")
+        self.discard()
+
+    def discard(self) -> None:
+        """Drop the temporary file (idempotent)."""
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = None
+        with contextlib.suppress(FileNotFoundError):
+            self.tmp_path.unlink()
+
+    def commit(self, *, additional_tags: tuple[str, ...], durable: bool) -> StoredInstance:
+        """Validate the complete instance and move it into its series folder.
+
+        Raises :class:`StoreRefused` (and removes every trace of the instance) when it cannot be
+        accepted.
+        """
+        try:
+            if self.error is not None:
+                raise self.error
+            return self._commit(additional_tags, durable)
+        except StoreRefused:
+            self.discard()
+            raise
+        except OSError as exc:
+            self._fail_write(exc)
+            assert self.error is not None
+            raise self.error from exc
+
+    def _commit(self, additional_tags: tuple[str, ...], durable: bool) -> StoredInstance:
+        assert self._fd is not None
+        if durable:
+            os.fsync(self._fd)
+        os.close(self._fd)
+        self._fd = None
+        ds = self._read_header()
+        sop_uid = _uid_text(ds, "SOPInstanceUID") or self.sop_instance_uid
+        sop_class = _uid_text(ds, "SOPClassUID") or self.sop_class_uid
+        if sop_uid != self.sop_instance_uid or sop_class != self.sop_class_uid:
+            raise StoreRefused(
+                status.DATASET_DOES_NOT_MATCH_SOP_CLASS,
+                "SOP Class/Instance UID of the data set differ from the C-STORE request",
+            )
+        series_uid = check_uid("SeriesInstanceUID", _uid_text(ds, "SeriesInstanceUID"))
+        study_uid = _uid_text(ds, "StudyInstanceUID")
+        tags = extract_tags(
+            ds,
+            ds.file_meta,
+            additional_tags,
+            {
+                "SenderAET": self.peer.calling_ae,
+                "ReceiverAET": self.peer.called_ae,
+                "SenderAddress": self.peer.address,
+            },
+        )
+        base = f"{series_uid}{SEPARATOR}{self.sop_instance_uid}"
+        tags["Filename"] = f"{base}.dcm"
+        tags_tmp = self.tmp_path.with_suffix(".tags")
+        _write_file(tags_tmp, json.dumps(tags, ensure_ascii=False).encode("utf-8"), durable)
+        try:
+            series_dir = _move_into_series(
+                self.incoming,
+                series_uid,
+                [(self.tmp_path, f"{base}.dcm"), (tags_tmp, f"{base}.tags")],
+                durable,
+            )
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                tags_tmp.unlink()
+        return StoredInstance(
+            series_uid=series_uid,
+            study_uid=study_uid,
+            sop_instance_uid=self.sop_instance_uid,
+            path=series_dir / f"{base}.dcm",
+            size=self.size,
+            tags=tags,
+        )
+
+    def _read_header(self) -> Dataset:
+        try:
+            ds = dcmread(self.tmp_path, stop_before_pixels=True)
+            ds.get("SeriesInstanceUID")  # forces decoding of the elements read so far
+            return ds
+        except (InvalidDicomError, ValueError, EOFError, OSError, KeyError, TypeError) as exc:
+            raise StoreRefused(
+                status.CANNOT_UNDERSTAND, f"data set cannot be decoded: {exc}"
+            ) from exc
+
+
+def _uid_text(ds: Dataset, keyword: str) -> str:
+    try:
+        value = ds.get(keyword)
+    except (ValueError, TypeError) as exc:
+        raise StoreRefused(status.CANNOT_UNDERSTAND, f"{keyword} cannot be decoded: {exc}") from exc
+    if value is None:
+        return ""
+    return str(value).strip("\x00 ")
+
+
+def _write_file(path: Path, data: bytes, durable: bool) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.write(fd, data)
+        if durable:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _move_into_series(
+    incoming: Path, series_uid: str, moves: list[tuple[Path, str]], durable: bool
+) -> Path:
+    """Rename each (temp path, final name) of ``moves`` into ``incoming/<series_uid>/``, in order.
+
+    The router may delete an emptied series folder at any moment; a rename that finds the folder
+    gone recreates it and tries again. Returns the series folder.
+    """
+    series_dir = incoming / series_uid
+    created = False
+    for tmp, name in moves:
+        for attempt in range(5):
+            if not series_dir.is_dir():
+                series_dir.mkdir(exist_ok=True)
+                created = True
+            try:
+                os.rename(tmp, series_dir / name)
+                break
+            except FileNotFoundError:
+                if attempt == 4 or not tmp.exists():
+                    raise
+    if durable:
+        fsync_dir(series_dir)
+        if created:
+            fsync_dir(incoming)
+    return series_dir
+
+
+def clean_stale_temp_files(incoming: Path) -> int:
+    """Remove temporary files in ``incoming/.tmp`` left by processes that are gone."""
+    removed = 0
+    tmp_dir = incoming / TEMP_DIR
+    tmp_dir.mkdir(parents=True, exist_ok=True)
+    for path in tmp_dir.iterdir():
+        pid_text = path.name.split("-", 1)[0]
+        if pid_text.isdigit() and psutil.pid_exists(int(pid_text)) and int(pid_text) != 0:
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+            removed += 1
+    if removed:
+        logger.warning("removed %d temporary files of dead receiver processes", removed)
+    return removed
