@@ -41,6 +41,7 @@ from receiver.storage import (
     PeerInfo,
     StoreRefused,
 )
+from receiver.tags import TagSelection
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +67,10 @@ class ReceiverSettings:
 @dataclass
 class SeriesSummary:
     study_uid: str
+    tags: dict[str, str]
+    """The side-car of the series' first instance in this association."""
     sop_instance_uids: list[str] = field(default_factory=list)
+    files: list[str] = field(default_factory=list)
     bytes: int = 0
 
 
@@ -75,6 +79,7 @@ class AssociationSummary:
     """What happened on one association, for the ``association`` and ``series_received`` events."""
 
     peer_address: str
+    peer_port: int = 0
     calling_ae: str = ""
     called_ae: str = ""
     outcome: str = "open"
@@ -119,6 +124,7 @@ class Association:
         self._message: _Message | None = None
         self._buffer = memoryview(bytearray(STREAM_CHUNK))
         self.stop_requested = False
+        self._selection = TagSelection.build(settings.additional_tags)
 
     @property
     def busy(self) -> bool:
@@ -335,9 +341,7 @@ class Association:
     def _store_complete(self, message: _Message, writer: InstanceWriter) -> None:
         assert message.command is not None
         try:
-            stored = writer.commit(
-                additional_tags=self.settings.additional_tags, durable=self.settings.durable
-            )
+            stored = writer.commit(selection=self._selection, durable=self.settings.durable)
         except StoreRefused as refused:
             logger.error(
                 "refused instance %s from %s: %s (status 0x%04X)",
@@ -351,9 +355,10 @@ class Association:
             self._respond(message, dimse.C_STORE_RSP, refused.status, refused.reason)
             return
         series = self.summary.series.setdefault(
-            stored.series_uid, SeriesSummary(study_uid=stored.study_uid)
+            stored.series_uid, SeriesSummary(study_uid=stored.study_uid, tags=stored.tags)
         )
         series.sop_instance_uids.append(stored.sop_instance_uid)
+        series.files.append(stored.path.name)
         series.bytes += stored.size
         self.summary.instances += 1
         self.summary.bytes += stored.size

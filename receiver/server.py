@@ -24,6 +24,7 @@ import socket
 import time
 import uuid
 from dataclasses import asdict
+from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
 from typing import Final
@@ -135,7 +136,7 @@ class ReceiverServer:
             except OSError as exc:
                 logger.warning("accept failed: %s", exc)
                 return
-            self._fork(conn, peer[0])
+            self._fork(conn, peer)
 
     def _reload_config(self) -> None:
         mtime = _mtime(self.config_path)
@@ -153,12 +154,12 @@ class ReceiverServer:
         self.settings = receiver_settings(config)
         logger.info("configuration reloaded")
 
-    def _fork(self, conn: socket.socket, peer_address: str) -> None:
+    def _fork(self, conn: socket.socket, peer: tuple[str, int]) -> None:
         pid = os.fork()
         if pid == 0:
             code = exitcodes.EX_SOFTWARE
             try:
-                code = self._child(conn, peer_address)
+                code = self._child(conn, peer)
             finally:
                 os._exit(code)
         conn.close()
@@ -190,16 +191,18 @@ class ReceiverServer:
 
     # ------------------------------------------------------------------ child
 
-    def _child(self, conn: socket.socket, peer_address: str) -> int:
+    def _child(self, conn: socket.socket, peer: tuple[str, int]) -> int:
         assert self._listener is not None
         self._listener.close()
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         counter = itertools.count()
+        peer_address = peer[0]
         association = Association(
             Connection(conn), peer_address, self.settings, lambda: next(counter)
         )
+        association.summary.peer_port = peer[1]
 
         def on_term(_signum: int, _frame: FrameType | None) -> None:
             association.request_stop()
@@ -222,6 +225,7 @@ class ReceiverServer:
             "calling_ae": summary.calling_ae,
             "called_ae": summary.called_ae,
             "peer_address": summary.peer_address,
+            "peer_port": summary.peer_port,
         }
         events = [
             NewEvent(
@@ -232,8 +236,8 @@ class ReceiverServer:
                     "instances": summary.instances,
                     "bytes": summary.bytes,
                     "failures": summary.failures,
-                    "started": summary.started,
-                    "ended": summary.ended,
+                    "started_at": _iso(summary.started),
+                    "ended_at": _iso(summary.ended),
                     "duration_s": round(summary.ended - summary.started, 3),
                 },
             )
@@ -249,6 +253,10 @@ class ReceiverServer:
                 box.record_many(events)
         except CaduceusError:
             logger.exception("could not record the events of association %s", association_id)
+
+
+def _iso(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="milliseconds")
 
 
 def _mtime(path: Path) -> float:

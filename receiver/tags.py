@@ -11,11 +11,12 @@ from __future__ import annotations
 import logging
 import re
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any, Final
 
 from pydicom.datadict import keyword_for_tag, tag_for_keyword
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag, Tag
@@ -99,35 +100,66 @@ def format_value(value: Any) -> str:
     return str(value)
 
 
-def extract_tags(
-    ds: Dataset,
-    file_meta: FileMetaDataset | None,
-    additional: Iterable[str] = (),
-    extra: Mapping[str, str] | None = None,
+@dataclass(frozen=True)
+class TagSelection:
+    """The elements a side-car holds: mercure's list plus the configured additional tags."""
+
+    tags: tuple[BaseTag, ...]
+    numbers: frozenset[int]
+
+    @classmethod
+    def build(cls, additional: Iterable[str] = ()) -> TagSelection:
+        tags = [tag for tag in map(resolve_tag, MERCURE_TAGS) if tag is not None]
+        for name in additional:
+            tag = resolve_tag(name)
+            if tag is None:
+                logger.warning(
+                    "additional tag %r is neither a keyword nor gggg,eeee; ignored", name
+                )
+            elif tag not in tags:
+                tags.append(tag)
+        return cls(tags=tuple(tags), numbers=frozenset(int(tag) for tag in tags))
+
+
+ValueReader = Callable[[BaseTag], tuple[str | None, bool]]
+"""Returns (text or None when absent, decoded cleanly) for a tag."""
+
+
+def build_tags(
+    read: ValueReader, selection: TagSelection, extra: Mapping[str, str]
 ) -> dict[str, str]:
-    """The side-car content of one instance."""
+    """The side-car content: selected values, charset problems, then ``extra`` entries."""
     tags: dict[str, str] = {}
     charset_errors: list[str] = []
-    wanted = [tag for tag in map(resolve_tag, MERCURE_TAGS) if tag is not None]
-    for name in additional:
-        tag = resolve_tag(name)
-        if tag is None:
-            logger.warning("additional tag %r is neither a keyword nor gggg,eeee; ignored", name)
-        else:
-            wanted.append(tag)
-    for tag in wanted:
-        value, clean = _element_text(ds, tag)
+    for tag in selection.tags:
+        value, clean = read(tag)
         if value is not None:
             tags[tag_key(tag)] = value
             if not clean:
                 charset_errors.append(tag_key(tag))
-    if file_meta is not None and "MediaStorageSOPClassUID" in file_meta:
-        tags["MediaStorageSOPClassUID"] = str(file_meta.MediaStorageSOPClassUID)
     if charset_errors:
         tags[CHARSET_ERRORS_KEY] = "\\".join(charset_errors)
-    if extra:
-        tags.update(extra)
+    tags.update(extra)
     return tags
+
+
+def dataset_reader(ds: Dataset) -> ValueReader:
+    """Values from a pydicom data set (the general path)."""
+    return lambda tag: _element_text(ds, tag)
+
+
+def decoded_reader(values: Mapping[int, object], unclean: Iterable[int]) -> ValueReader:
+    """Values decoded by :mod:`receiver.header` (the fast path)."""
+    unclean_tags = frozenset(unclean)
+
+    def read(tag: BaseTag) -> tuple[str | None, bool]:
+        if int(tag) not in values:
+            return None, True
+        value = values[int(tag)]
+        text = format_value(value) if value is not None else ""
+        return text, int(tag) not in unclean_tags
+
+    return read
 
 
 def _element_text(ds: Dataset, tag: BaseTag) -> tuple[str | None, bool]:
@@ -137,12 +169,10 @@ def _element_text(ds: Dataset, tag: BaseTag) -> tuple[str | None, bool]:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            element = ds[tag]
-            value = element.value
+            value = ds[tag].value
         except (ValueError, LookupError, TypeError) as exc:
             logger.warning("tag %s cannot be decoded (%s); stored raw", tag_key(tag), exc)
-            raw = ds.get_item(tag)
-            raw_value = getattr(raw, "value", b"")
+            raw_value = getattr(ds.get_item(tag), "value", b"")
             text = raw_value.decode("latin-1") if isinstance(raw_value, bytes) else str(raw_value)
             return text, False
     if isinstance(value, Sequence):

@@ -1,0 +1,178 @@
+"""Fast reading of the few top-level elements the side-car needs, from a data set's first bytes.
+
+Building a pydicom ``Dataset`` for every received instance costs about a millisecond, more than
+receiving a small image. This reader walks the element headers of an Explicit or Implicit VR
+Little Endian data set (every encapsulated transfer syntax is Explicit VR Little Endian), skips
+sequences, stops at the pixel data, and keeps the raw bytes of the wanted elements; their values
+are then decoded by pydicom's own converters (``pydicom.values.convert_value``), so the text is
+the same as pydicom would give.
+
+Anything else — big endian, deflated, a malformed header, a prefix that ends too early — raises
+:class:`HeaderFallback`, and the caller reads the file with pydicom instead.
+"""
+
+from __future__ import annotations
+
+import struct
+import warnings
+from collections.abc import Mapping
+from typing import Final
+
+from pydicom.charset import convert_encodings
+from pydicom.datadict import dictionary_VR
+from pydicom.dataelem import RawDataElement
+from pydicom.tag import Tag
+from pydicom.values import convert_value
+
+PIXEL_DATA: Final = 0x7FE00010
+SPECIFIC_CHARACTER_SET: Final = 0x00080005
+ITEM: Final = 0xFFFEE000
+ITEM_DELIMITER: Final = 0xFFFEE00D
+SEQUENCE_DELIMITER: Final = 0xFFFEE0DD
+UNDEFINED_LENGTH: Final = 0xFFFFFFFF
+MAX_DEPTH: Final = 32
+
+_LONG_VRS: Final = frozenset(
+    {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+)
+_TAG_LENGTH = struct.Struct("<HHI")
+_EXPLICIT_SHORT = struct.Struct("<HH2sH")
+
+
+class HeaderFallback(Exception):
+    """This reader cannot answer; read the data set with pydicom instead."""
+
+
+RawElements = dict[int, tuple[str | None, bytes]]
+"""Tag -> (VR, or None for Implicit VR, raw value bytes)."""
+
+
+def scan(buf: bytes, wanted: frozenset[int], *, implicit: bool, complete: bool) -> RawElements:
+    """The raw wanted top-level elements of the data set starting ``buf``.
+
+    ``complete`` tells whether ``buf`` is the whole data set or only its beginning.
+    """
+    found: RawElements = {}
+    end = _walk(buf, 0, implicit, 0, wanted, found)
+    if end is None and not complete:
+        raise HeaderFallback("the data set prefix ends before the pixel data")
+    return found
+
+
+def _walk(
+    buf: bytes,
+    pos: int,
+    implicit: bool,
+    depth: int,
+    wanted: frozenset[int] | None,
+    found: RawElements | None,
+) -> int | None:
+    """Walk a data set from ``pos``.
+
+    At depth 0 returns the offset of the pixel data (None when ``buf`` ends first); inside an
+    item of undefined length returns the offset after its Item Delimitation Item.
+    """
+    if depth > MAX_DEPTH:
+        raise HeaderFallback("sequences nested too deeply")
+    end = len(buf)
+    while pos < end:
+        if pos + 8 > end:
+            raise HeaderFallback("element header cut off")
+        group, element, length = _TAG_LENGTH.unpack_from(buf, pos)
+        tag = group << 16 | element
+        if depth == 0 and tag >= PIXEL_DATA:
+            return pos
+        if tag == ITEM_DELIMITER and depth > 0:
+            return pos + 8
+        if group == 0xFFFE:
+            raise HeaderFallback(f"unexpected item tag at offset {pos}")
+        vr, length, value_pos = _vr_and_length(buf, pos, implicit, length)
+        if length == UNDEFINED_LENGTH:
+            if vr not in (None, "SQ", "UN"):
+                raise HeaderFallback(f"undefined length on VR {vr}")
+            pos = _skip_sequence(buf, value_pos, implicit or vr == "UN", depth + 1)
+            continue
+        if value_pos + length > end:
+            raise HeaderFallback("element value cut off")
+        if wanted is not None and found is not None and tag in wanted:
+            found[tag] = (vr, buf[value_pos : value_pos + length])
+        pos = value_pos + length
+    if depth > 0:
+        raise HeaderFallback("item without delimiter")
+    return None
+
+
+def _vr_and_length(
+    buf: bytes, pos: int, implicit: bool, implicit_length: int
+) -> tuple[str | None, int, int]:
+    """(VR or None, value length, value offset) of the element whose header starts at ``pos``."""
+    if implicit:
+        return None, implicit_length, pos + 8
+    vr_bytes = buf[pos + 4 : pos + 6]
+    if not (vr_bytes.isalpha() and vr_bytes.isupper()):
+        raise HeaderFallback(f"invalid VR at offset {pos}")
+    if vr_bytes in _LONG_VRS:
+        if pos + 12 > len(buf):
+            raise HeaderFallback("element header cut off")
+        return vr_bytes.decode("ascii"), struct.unpack_from("<I", buf, pos + 8)[0], pos + 12
+    return vr_bytes.decode("ascii"), _EXPLICIT_SHORT.unpack_from(buf, pos)[3], pos + 8
+
+
+def _skip_sequence(buf: bytes, pos: int, implicit: bool, depth: int) -> int:
+    """Offset after the Sequence Delimitation Item of the undefined-length sequence at ``pos``."""
+    end = len(buf)
+    while True:
+        if pos + 8 > end:
+            raise HeaderFallback("sequence cut off")
+        group, element, length = _TAG_LENGTH.unpack_from(buf, pos)
+        tag = group << 16 | element
+        pos += 8
+        if tag == SEQUENCE_DELIMITER:
+            return pos
+        if tag != ITEM:
+            raise HeaderFallback(f"unexpected tag {tag:08X} inside a sequence")
+        if length == UNDEFINED_LENGTH:
+            after = _walk(buf, pos, implicit, depth, None, None)
+            assert after is not None
+            pos = after
+        else:
+            pos += length
+
+
+def decode(found: Mapping[int, tuple[str | None, bytes]]) -> tuple[dict[int, object], list[int]]:
+    """Decode raw elements with pydicom's converters: (values, tags that did not decode cleanly).
+
+    A value that warned while decoding (a charset problem) is kept best-effort and its tag listed.
+    """
+    charset_raw = found.get(SPECIFIC_CHARACTER_SET)
+    charsets: list[str] = []
+    if charset_raw is not None:
+        charsets = [
+            part.strip(" \x00") for part in charset_raw[1].decode("ascii", "replace").split("\\")
+        ]
+    values: dict[int, object] = {}
+    unclean: list[int] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        encodings = convert_encodings(charsets or None)
+        encoding_warnings = len(caught)
+        for tag, (vr, raw) in found.items():
+            before = len(caught)
+            element_vr = vr or _dictionary_vr(tag)
+            element = RawDataElement(Tag(tag), element_vr, len(raw), raw, 0, vr is None, True)
+            try:
+                values[tag] = convert_value(element_vr, element, encodings)
+            except (ValueError, NotImplementedError) as exc:
+                raise HeaderFallback(f"element {tag:08X}: {exc}") from exc
+            if len(caught) > before or (encoding_warnings and tag != SPECIFIC_CHARACTER_SET):
+                unclean.append(tag)
+    return values, unclean
+
+
+def _dictionary_vr(tag: int) -> str:
+    try:
+        vr = dictionary_VR(tag)
+    except KeyError:
+        return "UN"
+    # Ambiguous VRs ("US or SS", "OB or OW") only occur on binary elements; read them as bytes.
+    return "UN" if " or " in vr else vr
