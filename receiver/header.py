@@ -170,6 +170,9 @@ def decode(found: Mapping[int, tuple[str | None, bytes]]) -> tuple[dict[int, obj
 
 
 def _dictionary_vr(tag: int) -> str:
+    group, element = tag >> 16, tag & 0xFFFF
+    if group % 2 and 0x0010 <= element <= 0x00FF:
+        return "LO"  # a private creator (PS3.5 §7.8.1)
     try:
         vr = dictionary_VR(tag)
     except KeyError:
