@@ -1,10 +1,10 @@
 """The Caduceus exception tree.
 
-    CaduceusError
-    ├── ConfigError          invalid or unreadable configuration (names the field)
-    ├── SpoolError           the spool contract was broken (bad name, unsafe path, ...)
-    │   └── LockedError      a lock is held by a live owner
-    └── OutboxError          the local event outbox cannot record an event
+CaduceusError
+├── ConfigError          invalid or unreadable configuration (names the field)
+├── SpoolError           the spool contract was broken (bad name, unsafe path, ...)
+│   └── LockedError      a lock is held by a live owner
+└── OutboxError          the local event outbox cannot record an event
 """
 
 
