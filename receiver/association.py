@@ -11,6 +11,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
@@ -125,6 +126,7 @@ class Association:
         self._buffer = memoryview(bytearray(STREAM_CHUNK))
         self.stop_requested = False
         self._selection = TagSelection.build(settings.additional_tags)
+        self._flusher = ThreadPoolExecutor(1, "flush") if settings.durable else None
 
     @property
     def busy(self) -> bool:
@@ -153,6 +155,8 @@ class Association:
             if self._message is not None and self._message.writer is not None:
                 self._message.writer.discard()
             self._message = None
+            if self._flusher is not None:
+                self._flusher.shutdown()
             self.summary.ended = time.time()
             self.conn.close()
         return self.summary
@@ -321,6 +325,7 @@ class Association:
                     called_ae=self.summary.called_ae,
                     address=self.summary.peer_address,
                 ),
+                durable=self.settings.durable,
             )
         else:
             raise ProtocolError(f"unsupported DIMSE command 0x{command.command_field:04X}")
@@ -341,7 +346,7 @@ class Association:
     def _store_complete(self, message: _Message, writer: InstanceWriter) -> None:
         assert message.command is not None
         try:
-            stored = writer.commit(selection=self._selection, durable=self.settings.durable)
+            stored = writer.commit(self._selection, self._flusher)
         except StoreRefused as refused:
             logger.error(
                 "refused instance %s from %s: %s (status 0x%04X)",

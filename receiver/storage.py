@@ -10,15 +10,20 @@ a dead process, which :func:`clean_stale_temp_files` removes.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import errno
+import functools
 import json
 import logging
 import os
 import re
 import struct
+from collections.abc import Callable
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Final, cast
 
 import psutil
 from pydicom import dcmread
@@ -38,6 +43,9 @@ IMPLEMENTATION_VERSION_NAME: Final = "CADUCEUS_010"
 MAX_UID_LENGTH: Final = 64
 _UID_PATTERN: Final = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _PREAMBLE: Final = b"\x00" * 128 + b"DICM"
+WRITEBACK_STEP: Final = 1 << 18
+"""Bytes written between two requests to start writeback (durable mode)."""
+SYNC_FILE_RANGE_WRITE: Final = 2
 HEADER_PREFIX: Final = 1 << 16
 """Bytes of each data set kept in memory for the fast header reader."""
 IMPLICIT_LE: Final = "1.2.840.10008.1.2"
@@ -130,14 +138,17 @@ class InstanceWriter:
         sop_instance_uid: str,
         transfer_syntax: str,
         peer: PeerInfo,
+        durable: bool = True,
     ) -> None:
         self.incoming = incoming
+        self.durable = durable
         self.sop_class_uid = sop_class_uid
         self.sop_instance_uid = sop_instance_uid
         self.transfer_syntax = transfer_syntax
         self.peer = peer
         self.error: StoreRefused | None = None
         self.size = 0
+        self._flushed = 0
         self.dataset_size = 0
         self._prefix = bytearray()
         tmp_dir = incoming / TEMP_DIR
@@ -182,6 +193,10 @@ class InstanceWriter:
             written = os.write(self._fd, view)
             view = view[written:]
             self.size += written
+        if self.durable and self.size - self._flushed >= WRITEBACK_STEP:
+            # Start writing back now, so the fdatasync at the end has little left to wait for.
+            start_writeback(self._fd, self._flushed, self.size - self._flushed)
+            self._flushed = self.size
 
     def _fail_write(self, exc: OSError) -> None:
         kind = "disk full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "write failed"
@@ -198,16 +213,17 @@ class InstanceWriter:
         with contextlib.suppress(FileNotFoundError):
             self.tmp_path.unlink()
 
-    def commit(self, *, selection: TagSelection, durable: bool) -> StoredInstance:
+    def commit(self, selection: TagSelection, flusher: Executor | None = None) -> StoredInstance:
         """Validate the complete instance and move it into its series folder.
 
-        Raises :class:`StoreRefused` (and removes every trace of the instance) when it cannot be
-        accepted.
+        With ``flusher``, the data file is flushed on that executor while the side-car is built
+        and flushed here, so the two flushes overlap. Raises :class:`StoreRefused` (and removes
+        every trace of the instance) when it cannot be accepted.
         """
         try:
             if self.error is not None:
                 raise self.error
-            return self._commit(selection, durable)
+            return self._commit(selection, flusher)
         except StoreRefused:
             self.discard()
             raise
@@ -216,12 +232,49 @@ class InstanceWriter:
             assert self.error is not None
             raise self.error from exc
 
-    def _commit(self, selection: TagSelection, durable: bool) -> StoredInstance:
-        assert self._fd is not None
-        if durable:
-            os.fsync(self._fd)
-        os.close(self._fd)
-        self._fd = None
+    def _commit(self, selection: TagSelection, flusher: Executor | None) -> StoredInstance:
+        fd, self._fd = self._fd, None
+        assert fd is not None
+        flushing: Future[None] | None = None
+        try:
+            if self.durable:
+                if flusher is None:
+                    os.fdatasync(fd)
+                else:
+                    flushing = flusher.submit(os.fdatasync, fd)
+            tags = self._side_car(selection)
+            tags_tmp = self.tmp_path.with_suffix(".tags")
+            data = json.dumps(tags, ensure_ascii=False).encode("utf-8")
+            _write_file(tags_tmp, data, self.durable)
+        finally:
+            if flushing is not None:
+                flushing.result()
+            os.close(fd)
+        series_uid = tags["SeriesInstanceUID"]
+        try:
+            series_dir = _move_into_series(
+                self.incoming,
+                series_uid,
+                [
+                    (self.tmp_path, tags["Filename"]),
+                    (tags_tmp, tags["Filename"].removesuffix(".dcm") + ".tags"),
+                ],
+                self.durable,
+            )
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                tags_tmp.unlink()
+        return StoredInstance(
+            series_uid=series_uid,
+            study_uid=_uid(tags, "StudyInstanceUID"),
+            sop_instance_uid=self.sop_instance_uid,
+            path=series_dir / tags["Filename"],
+            size=self.size,
+            tags=tags,
+        )
+
+    def _side_car(self, selection: TagSelection) -> dict[str, str]:
+        """The validated side-car of the instance; refuses instances that cannot be placed."""
         extra = {
             "MediaStorageSOPClassUID": self.sop_class_uid,
             "SenderAET": self.peer.calling_ae,
@@ -237,28 +290,9 @@ class InstanceWriter:
                 "SOP Class/Instance UID of the data set differ from the C-STORE request",
             )
         series_uid = check_uid("SeriesInstanceUID", _uid(tags, "SeriesInstanceUID"))
-        base = f"{series_uid}{SEPARATOR}{self.sop_instance_uid}"
-        tags["Filename"] = f"{base}.dcm"
-        tags_tmp = self.tmp_path.with_suffix(".tags")
-        _write_file(tags_tmp, json.dumps(tags, ensure_ascii=False).encode("utf-8"), durable)
-        try:
-            series_dir = _move_into_series(
-                self.incoming,
-                series_uid,
-                [(self.tmp_path, f"{base}.dcm"), (tags_tmp, f"{base}.tags")],
-                durable,
-            )
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                tags_tmp.unlink()
-        return StoredInstance(
-            series_uid=series_uid,
-            study_uid=_uid(tags, "StudyInstanceUID"),
-            sop_instance_uid=self.sop_instance_uid,
-            path=series_dir / f"{base}.dcm",
-            size=self.size,
-            tags=tags,
-        )
+        tags["SeriesInstanceUID"] = series_uid
+        tags["Filename"] = f"{series_uid}{SEPARATOR}{self.sop_instance_uid}.dcm"
+        return tags
 
     def _value_reader(self, selection: TagSelection) -> ValueReader:
         """Tag values by the fast header reader, or by pydicom when it cannot answer."""
@@ -294,9 +328,11 @@ def _uid(tags: dict[str, str], keyword: str) -> str:
 def _write_file(path: Path, data: bytes, durable: bool) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        os.write(fd, data)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
         if durable:
-            os.fsync(fd)
+            os.fdatasync(fd)
     finally:
         os.close(fd)
 
@@ -327,6 +363,26 @@ def _move_into_series(
         if created:
             fsync_dir(incoming)
     return series_dir
+
+
+@functools.cache
+def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    """libc ``sync_file_range`` (Linux), or None where it is not available."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        function = libc.sync_file_range
+    except (OSError, AttributeError, TypeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return cast(Callable[[int, int, int, int], int], function)
+
+
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    """Ask the kernel to start writing a byte range to disk without waiting for it."""
+    function = _sync_file_range()
+    if function is not None:
+        function(fd, offset, length, SYNC_FILE_RANGE_WRITE)
 
 
 def clean_stale_temp_files(incoming: Path) -> int:
