@@ -140,9 +140,11 @@ def _skip_sequence(buf: bytes, pos: int, implicit: bool, depth: int) -> int:
 
 
 def decode(found: Mapping[int, tuple[str | None, bytes]]) -> tuple[dict[int, object], list[int]]:
-    """Decode raw elements with pydicom's converters: (values, tags that did not decode cleanly).
+    """Decode raw elements as pydicom does: (values, tags that did not decode cleanly).
 
-    A value that warned while decoding (a charset problem) is kept best-effort and its tag listed.
+    ASCII values of single-byte or UTF-8 data sets are decoded here with pydicom's padding rules
+    (a tenth of the cost); everything else goes through pydicom's converters. A value that
+    warned about its character set is kept best-effort and its tag listed.
     """
     charset_raw = found.get(SPECIFIC_CHARACTER_SET)
     charsets: list[str] = []
@@ -150,23 +152,60 @@ def decode(found: Mapping[int, tuple[str | None, bytes]]) -> tuple[dict[int, obj
         charsets = [
             part.strip(" \x00") for part in charset_raw[1].decode("ascii", "replace").split("\\")
         ]
+    ascii_text_is_plain = len(charsets) <= 1 and "2022" not in "".join(charsets)
     values: dict[int, object] = {}
     unclean: list[int] = []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         encodings = convert_encodings(charsets or None)
-        encoding_warnings = len(caught)
+        charset_warned = any(is_charset_warning(w.message) for w in caught)
         for tag, (vr, raw) in found.items():
-            before = len(caught)
             element_vr = vr or _dictionary_vr(tag)
+            text = _plain_text(element_vr, raw, ascii_text_is_plain)
+            if text is not None:
+                values[tag] = text
+                continue
+            before = len(caught)
             element = RawDataElement(Tag(tag), element_vr, len(raw), raw, 0, vr is None, True)
             try:
                 values[tag] = convert_value(element_vr, element, encodings)
             except (ValueError, NotImplementedError) as exc:
                 raise HeaderFallback(f"element {tag:08X}: {exc}") from exc
-            if len(caught) > before or (encoding_warnings and tag != SPECIFIC_CHARACTER_SET):
+            new = caught[before:]
+            if any(is_charset_warning(w.message) for w in new) or (
+                charset_warned and element_vr in _CHARSET_VRS
+            ):
                 unclean.append(tag)
     return values, unclean
+
+
+def is_charset_warning(message: Warning | str) -> bool:
+    """True for pydicom's warnings about character sets and decoding (not about lengths)."""
+    text = str(message)
+    return "encod" in text or "decode" in text or "Character Set" in text
+
+
+_CHARSET_VRS: Final = frozenset({"PN", "SH", "LO", "UC", "ST", "LT", "UT"})
+_STRIP_EACH: Final = frozenset({"AE", "DS", "IS"})
+"""VRs whose values pydicom strips on both sides, value by value."""
+_RSTRIP_EACH: Final = frozenset({"SH", "LO", "UC"})
+_RSTRIP_ALL: Final = frozenset({"AS", "CS", "DA", "DT", "TM", "UI", "PN", "ST", "LT", "UT"})
+
+
+def _plain_text(vr: str, raw: bytes, ascii_text_is_plain: bool) -> str | None:
+    """The value as pydicom would print it, for plain ASCII values; None for the others."""
+    if not raw.isascii() or b"\x1b" in raw:
+        return None
+    if vr in _CHARSET_VRS and not ascii_text_is_plain:
+        return None
+    text = raw.decode("ascii")
+    if vr in _RSTRIP_ALL:
+        return text.rstrip(" \x00")
+    if vr in _STRIP_EACH:
+        return "\\".join(part.strip() for part in text.split("\\"))
+    if vr in _RSTRIP_EACH:
+        return "\\".join(part.rstrip(" \x00") for part in text.split("\\"))
+    return None
 
 
 def _dictionary_vr(tag: int) -> str:

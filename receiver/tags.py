@@ -21,6 +21,8 @@ from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag, Tag
 
+from receiver.header import is_charset_warning
+
 logger = logging.getLogger(__name__)
 
 MERCURE_TAGS: Final = (
@@ -178,4 +180,4 @@ def _element_text(ds: Dataset, tag: BaseTag) -> tuple[str | None, bool]:
     if isinstance(value, Sequence):
         return None, True
     text = format_value(value) if value is not None else ""
-    return text, not caught
+    return text, not any(is_charset_warning(w.message) for w in caught)

@@ -64,8 +64,12 @@ def _rich_dataset() -> Dataset:
     ds.PatientName = "Müller^François"
     ds.PatientID = "ID 42"
     ds.StudyDescription = "Kopf nativ  "
-    ds.SliceThickness = "1.50"
-    ds.InstanceNumber = "7"
+    ds.SliceThickness = " 1.50"
+    ds.InstanceNumber = "7 "
+    ds.StationAETitle = " CT1 "
+    ds.SequenceVariant = ["SK ", "SP"]
+    ds.InstitutionName = "Klinik  "
+    ds.ImageComments = "two words \\ and more "
     item = Dataset()
     item.CodeValue = "T-A0100"
     item.CodeMeaning = "Brain"
