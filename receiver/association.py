@@ -115,12 +115,12 @@ class Association:
         conn: Connection,
         peer_address: str,
         settings: ReceiverSettings,
-        sequence: Callable[[], int],
+        temp_names: Callable[[], str],
     ) -> None:
         self.conn = conn
         self.settings = settings
         self.summary = AssociationSummary(peer_address=peer_address)
-        self._next_sequence = sequence
+        self._temp_names = temp_names
         self._negotiated: Negotiated | None = None
         self._message: _Message | None = None
         self._buffer = memoryview(bytearray(STREAM_CHUNK))
@@ -316,7 +316,7 @@ class Association:
             _, transfer_syntax = self._negotiated.accepted[message.context_id]
             message.writer = InstanceWriter(
                 self.settings.incoming,
-                self._next_sequence(),
+                self._temp_names(),
                 sop_class_uid=command.sop_class_uid,
                 sop_instance_uid=command.sop_instance_uid,
                 transfer_syntax=transfer_syntax,

@@ -7,12 +7,16 @@ sequences, stops at the pixel data, and keeps the raw bytes of the wanted elemen
 are then decoded by pydicom's own converters (``pydicom.values.convert_value``), so the text is
 the same as pydicom would give.
 
-Anything else — big endian, deflated, a malformed header, a prefix that ends too early — raises
-:class:`HeaderFallback`, and the caller reads the file with pydicom instead.
+The walk visits every element header up to the end of the data set — reading from the file what
+is not in memory — so a truncated or corrupt data set is refused (:class:`MalformedDataset`)
+rather than stored: pydicom's reader silently accepts an element longer than the bytes left.
+Big endian and deflated data sets raise :class:`HeaderFallback`, and the caller reads them with
+pydicom instead.
 """
 
 from __future__ import annotations
 
+import os
 import struct
 import warnings
 from collections.abc import Mapping
@@ -43,99 +47,132 @@ class HeaderFallback(Exception):
     """This reader cannot answer; read the data set with pydicom instead."""
 
 
+class MalformedDataset(Exception):
+    """The data set's structure is broken: an element runs past the end, a bad VR, ..."""
+
+
 RawElements = dict[int, tuple[str | None, bytes]]
 """Tag -> (VR, or None for Implicit VR, raw value bytes)."""
 
 
-def scan(buf: bytes, wanted: frozenset[int], *, implicit: bool, complete: bool) -> RawElements:
-    """The raw wanted top-level elements of the data set starting ``buf``.
+class Source:
+    """The bytes of a received data set: its first bytes in memory, the rest read from its file.
 
-    ``complete`` tells whether ``buf`` is the whole data set or only its beginning.
+    ``file_offset`` is where the data set starts in the file (after preamble and meta).
     """
+
+    def __init__(self, prefix: bytes, size: int, fd: int | None = None, file_offset: int = 0):
+        self.prefix = prefix
+        self.size = size
+        self._fd = fd
+        self._file_offset = file_offset
+
+    def read(self, pos: int, length: int) -> bytes:
+        if pos + length > self.size:
+            raise MalformedDataset(
+                f"element at offset {pos} needs {length} bytes; the data set ends at {self.size}"
+            )
+        if pos + length <= len(self.prefix):
+            return self.prefix[pos : pos + length]
+        if self._fd is None:
+            raise HeaderFallback("the data set is not in memory")
+        data = os.pread(self._fd, length, self._file_offset + pos)
+        if len(data) != length:
+            raise MalformedDataset(f"the file ends before offset {pos + length}")
+        return data
+
+
+def scan(
+    source: Source | bytes, wanted: frozenset[int], *, implicit: bool, complete: bool = True
+) -> RawElements:
+    """The raw wanted top-level elements of a data set, after checking its whole structure.
+
+    Every element header is read — values only of the wanted elements — so that a truncated or
+    corrupt data set raises :class:`MalformedDataset` rather than being stored. Raises
+    :class:`HeaderFallback` when the data set is only partly available (``bytes`` with
+    ``complete=False``).
+    """
+    if isinstance(source, bytes):
+        size = len(source) if complete else 1 << 62
+        source = Source(source, size)
     found: RawElements = {}
-    end = _walk(buf, 0, implicit, 0, wanted, found)
-    if end is None and not complete:
-        raise HeaderFallback("the data set prefix ends before the pixel data")
+    _walk(source, 0, source.size, implicit, 0, wanted, found)
     return found
 
 
 def _walk(
-    buf: bytes,
+    source: Source,
     pos: int,
+    end: int,
     implicit: bool,
     depth: int,
     wanted: frozenset[int] | None,
     found: RawElements | None,
-) -> int | None:
-    """Walk a data set from ``pos``.
+) -> int:
+    """Walk the elements of a data set from ``pos`` up to ``end``; return where it stopped.
 
-    At depth 0 returns the offset of the pixel data (None when ``buf`` ends first); inside an
-    item of undefined length returns the offset after its Item Delimitation Item.
+    Inside an item of undefined length (``end`` is then the end of the whole data set) the walk
+    stops after the Item Delimitation Item.
     """
     if depth > MAX_DEPTH:
-        raise HeaderFallback("sequences nested too deeply")
-    end = len(buf)
+        raise MalformedDataset("sequences nested too deeply")
     while pos < end:
-        if pos + 8 > end:
-            raise HeaderFallback("element header cut off")
-        group, element, length = _TAG_LENGTH.unpack_from(buf, pos)
+        group, element, length = _TAG_LENGTH.unpack(source.read(pos, 8))
         tag = group << 16 | element
-        if depth == 0 and tag >= PIXEL_DATA:
-            return pos
         if tag == ITEM_DELIMITER and depth > 0:
             return pos + 8
         if group == 0xFFFE:
-            raise HeaderFallback(f"unexpected item tag at offset {pos}")
-        vr, length, value_pos = _vr_and_length(buf, pos, implicit, length)
+            raise MalformedDataset(f"unexpected item tag at offset {pos}")
+        vr, length, value_pos = _vr_and_length(source, pos, implicit, length)
         if length == UNDEFINED_LENGTH:
-            if vr not in (None, "SQ", "UN"):
-                raise HeaderFallback(f"undefined length on VR {vr}")
-            pos = _skip_sequence(buf, value_pos, implicit or vr == "UN", depth + 1)
+            if vr not in (None, "SQ", "UN", "OB", "OW"):
+                raise MalformedDataset(f"undefined length on VR {vr} at offset {pos}")
+            # Encapsulated pixel data and sequences are both items up to a delimiter;
+            # the content of an undefined-length UN is Implicit VR (PS3.5 §6.2.2).
+            pos = _skip_items(source, value_pos, implicit or vr == "UN", depth + 1)
             continue
-        if value_pos + length > end:
-            raise HeaderFallback("element value cut off")
         if wanted is not None and found is not None and tag in wanted:
-            found[tag] = (vr, buf[value_pos : value_pos + length])
+            found[tag] = (vr, source.read(value_pos, length))
+        elif value_pos + length > source.size:
+            source.read(value_pos, length)  # raises MalformedDataset
         pos = value_pos + length
     if depth > 0:
-        raise HeaderFallback("item without delimiter")
-    return None
+        raise MalformedDataset("item without delimiter")
+    if pos != end:
+        raise MalformedDataset(f"the last element runs {pos - end} bytes past the end")
+    return pos
 
 
 def _vr_and_length(
-    buf: bytes, pos: int, implicit: bool, implicit_length: int
+    source: Source, pos: int, implicit: bool, implicit_length: int
 ) -> tuple[str | None, int, int]:
     """(VR or None, value length, value offset) of the element whose header starts at ``pos``."""
     if implicit:
         return None, implicit_length, pos + 8
-    vr_bytes = buf[pos + 4 : pos + 6]
+    header = source.read(pos, 8)
+    vr_bytes = header[4:6]
     if not (vr_bytes.isalpha() and vr_bytes.isupper()):
-        raise HeaderFallback(f"invalid VR at offset {pos}")
+        raise MalformedDataset(f"invalid VR {vr_bytes!r} at offset {pos}")
     if vr_bytes in _LONG_VRS:
-        if pos + 12 > len(buf):
-            raise HeaderFallback("element header cut off")
-        return vr_bytes.decode("ascii"), struct.unpack_from("<I", buf, pos + 8)[0], pos + 12
-    return vr_bytes.decode("ascii"), _EXPLICIT_SHORT.unpack_from(buf, pos)[3], pos + 8
+        return vr_bytes.decode("ascii"), struct.unpack("<I", source.read(pos + 8, 4))[0], pos + 12
+    return vr_bytes.decode("ascii"), _EXPLICIT_SHORT.unpack(header)[3], pos + 8
 
 
-def _skip_sequence(buf: bytes, pos: int, implicit: bool, depth: int) -> int:
-    """Offset after the Sequence Delimitation Item of the undefined-length sequence at ``pos``."""
-    end = len(buf)
+def _skip_items(source: Source, pos: int, implicit: bool, depth: int) -> int:
+    """Offset after the Sequence Delimitation Item of the undefined-length value at ``pos``."""
     while True:
-        if pos + 8 > end:
-            raise HeaderFallback("sequence cut off")
-        group, element, length = _TAG_LENGTH.unpack_from(buf, pos)
+        group, element, length = _TAG_LENGTH.unpack(source.read(pos, 8))
         tag = group << 16 | element
         pos += 8
         if tag == SEQUENCE_DELIMITER:
             return pos
         if tag != ITEM:
-            raise HeaderFallback(f"unexpected tag {tag:08X} inside a sequence")
+            raise MalformedDataset(f"unexpected tag {tag:08X} inside a sequence")
         if length == UNDEFINED_LENGTH:
-            after = _walk(buf, pos, implicit, depth, None, None)
-            assert after is not None
-            pos = after
+            pos = _walk(source, pos, source.size, implicit, depth, None, None)
         else:
+            if pos + length > source.size:
+                source.read(pos, length)  # raises MalformedDataset
             pos += length
 
 

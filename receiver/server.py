@@ -35,7 +35,7 @@ from common.errors import CaduceusError, ConfigError
 from common.outbox import NewEvent, Outbox, outbox_path
 from receiver.association import Association, AssociationSummary, ReceiverSettings
 from receiver.pdu import Connection
-from receiver.storage import clean_stale_temp_files
+from receiver.storage import clean_stale_temp_files, temp_owner
 
 logger = logging.getLogger(__name__)
 
@@ -198,9 +198,10 @@ class ReceiverServer:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         counter = itertools.count()
+        owner = temp_owner()
         peer_address = peer[0]
         association = Association(
-            Connection(conn), peer_address, self.settings, lambda: next(counter)
+            Connection(conn), peer_address, self.settings, lambda: f"{owner}-{next(counter)}"
         )
         association.summary.peer_port = peer[1]
 

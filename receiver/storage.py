@@ -132,7 +132,7 @@ class InstanceWriter:
     def __init__(
         self,
         incoming: Path,
-        sequence: int,
+        temp_stem: str,
         *,
         sop_class_uid: str,
         sop_instance_uid: str,
@@ -152,7 +152,7 @@ class InstanceWriter:
         self.dataset_size = 0
         self._prefix = bytearray()
         tmp_dir = incoming / TEMP_DIR
-        self.tmp_path = tmp_dir / f"{os.getpid()}-{sequence}.dcm"
+        self.tmp_path = tmp_dir / f"{temp_stem}.dcm"
         self._fd: int | None = None
         try:
             check_uid("AffectedSOPClassUID", sop_class_uid)
@@ -161,7 +161,7 @@ class InstanceWriter:
             self.error = refused
             return
         try:
-            self._fd = os.open(self.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            self._fd = os.open(self.tmp_path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
             self._write(_PREAMBLE + self._file_meta_bytes())
         except OSError as exc:
             self._fail_write(exc)
@@ -242,7 +242,7 @@ class InstanceWriter:
                     os.fdatasync(fd)
                 else:
                     flushing = flusher.submit(os.fdatasync, fd)
-            tags = self._side_car(selection)
+            tags = self._side_car(selection, fd)
             tags_tmp = self.tmp_path.with_suffix(".tags")
             data = json.dumps(tags, ensure_ascii=False).encode("utf-8")
             _write_file(tags_tmp, data, self.durable)
@@ -273,7 +273,7 @@ class InstanceWriter:
             tags=tags,
         )
 
-    def _side_car(self, selection: TagSelection) -> dict[str, str]:
+    def _side_car(self, selection: TagSelection, fd: int) -> dict[str, str]:
         """The validated side-car of the instance; refuses instances that cannot be placed."""
         extra = {
             "MediaStorageSOPClassUID": self.sop_class_uid,
@@ -281,7 +281,7 @@ class InstanceWriter:
             "ReceiverAET": self.peer.called_ae,
             "SenderAddress": self.peer.address,
         }
-        tags = build_tags(self._value_reader(selection), selection, extra)
+        tags = build_tags(self._value_reader(selection, fd), selection, extra)
         sop_uid = _uid(tags, "SOPInstanceUID") or self.sop_instance_uid
         sop_class = _uid(tags, "SOPClassUID") or self.sop_class_uid
         if sop_uid != self.sop_instance_uid or sop_class != self.sop_class_uid:
@@ -294,18 +294,28 @@ class InstanceWriter:
         tags["Filename"] = f"{series_uid}{SEPARATOR}{self.sop_instance_uid}.dcm"
         return tags
 
-    def _value_reader(self, selection: TagSelection) -> ValueReader:
-        """Tag values by the fast header reader, or by pydicom when it cannot answer."""
+    def _value_reader(self, selection: TagSelection, fd: int) -> ValueReader:
+        """Tag values by the fast header reader, or by pydicom when it cannot answer.
+
+        The fast reader also checks the structure of the whole data set: a truncated or corrupt
+        one is refused with 0xC210.
+        """
         if self.transfer_syntax in _FAST_SYNTAXES:
+            source = header.Source(
+                bytes(self._prefix), self.dataset_size, fd, self.size - self.dataset_size
+            )
             try:
                 found = header.scan(
-                    bytes(self._prefix),
+                    source,
                     selection.numbers | {header.SPECIFIC_CHARACTER_SET},
                     implicit=self.transfer_syntax == IMPLICIT_LE,
-                    complete=self.dataset_size <= len(self._prefix),
                 )
                 values, unclean = header.decode(found)
                 return decoded_reader(values, unclean)
+            except header.MalformedDataset as exc:
+                raise StoreRefused(
+                    status.CANNOT_UNDERSTAND, f"data set cannot be decoded: {exc}"
+                ) from exc
             except header.HeaderFallback as why:
                 logger.debug("pydicom reads %s: %s", self.sop_instance_uid, why)
         return dataset_reader(self._read_header())
@@ -385,14 +395,42 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
         function(fd, offset, length, SYNC_FILE_RANGE_WRITE)
 
 
+def temp_owner() -> str:
+    """This process as temporary files name it: ``<pid>.<start time in 1/100 s>``.
+
+    The start time tells a live owner from a later process that reuses its pid.
+    """
+    return f"{os.getpid()}.{_start_ticks(os.getpid())}"
+
+
+def _start_ticks(pid: int) -> int | None:
+    try:
+        process = psutil.Process(pid)
+        if process.status() == psutil.STATUS_ZOMBIE:
+            return None
+        return int(process.create_time() * 100)
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):
+        return None
+
+
+def _owner_alive(owner: str) -> bool:
+    pid, _, ticks = owner.partition(".")
+    if not (pid.isdigit() and ticks.isdigit()):
+        return False
+    return _start_ticks(int(pid)) == int(ticks)
+
+
 def clean_stale_temp_files(incoming: Path) -> int:
-    """Remove temporary files in ``incoming/.tmp`` left by processes that are gone."""
+    """Remove temporary files in ``incoming/.tmp`` whose writer process is gone.
+
+    A killed association process can stay a zombie for a moment, and its pid can be reused;
+    neither counts as alive.
+    """
     removed = 0
     tmp_dir = incoming / TEMP_DIR
     tmp_dir.mkdir(parents=True, exist_ok=True)
     for path in tmp_dir.iterdir():
-        pid_text = path.name.split("-", 1)[0]
-        if pid_text.isdigit() and psutil.pid_exists(int(pid_text)) and int(pid_text) != 0:
+        if _owner_alive(path.name.split("-", 1)[0]):
             continue
         with contextlib.suppress(FileNotFoundError):
             path.unlink()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 
 import pydicom
@@ -132,8 +133,8 @@ def test_a_prefix_that_ends_before_the_pixel_data_falls_back() -> None:
     [b"\x08\x00\x05\x00zz\x02\x00ab", b"\x08\x00\x05\x00CS\x40\x00ab", b"\x08\x00\x05\x00CS"],
     ids=["invalid-vr", "value-past-the-end", "cut-header"],
 )
-def test_malformed_headers_fall_back_to_pydicom(body: bytes) -> None:
-    with pytest.raises(header.HeaderFallback):
+def test_malformed_data_sets_are_recognised(body: bytes) -> None:
+    with pytest.raises(header.MalformedDataset):
         header.scan(body, frozenset({0x00080005}), implicit=False, complete=True)
 
 
@@ -184,3 +185,40 @@ def test_file_meta_reads_back_with_pydicom(tmp_path: Path) -> None:
     assert ds.file_meta.MediaStorageSOPInstanceUID == "1.2.3.4"
     assert ds.file_meta.SourceApplicationEntityTitle == "CT1"
     assert ds.PatientName == "Müller^François"
+
+
+@pytest.mark.parametrize("cut", [1, 7, 1000], ids=["last-byte", "mid-header", "mid-pixel-data"])
+def test_truncated_data_sets_are_malformed(cut: int) -> None:
+    ds = _rich_dataset()
+    ds.PixelData = b"\x01\x02" * 1000
+    body = _encode(ds, False)
+    with pytest.raises(header.MalformedDataset):
+        header.scan(body[:-cut], SELECTION.numbers, implicit=False)
+
+
+def test_a_header_beyond_the_prefix_is_read_from_the_file(tmp_path: Path) -> None:
+    ds = _rich_dataset()
+    ds.add_new(0x00091002, "UN", b"x" * 70_000)  # pushes the wanted elements after it out of the prefix
+    ds.PatientSex = "O"
+    body = _encode(ds, False)
+    path = tmp_path / "data"
+    path.write_bytes(b"META" + body)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        source = header.Source(body[:1000], len(body), fd, file_offset=4)
+        found = header.scan(source, SELECTION.numbers, implicit=False)
+    finally:
+        os.close(fd)
+    values, unclean = header.decode(found)
+    tags = build_tags(decoded_reader(values, unclean), SELECTION, {})
+    assert tags == _pydicom_tags(body, False)
+    assert tags["PatientSex"] == "O"
+
+
+def test_elements_after_the_pixel_data_are_checked_too() -> None:
+    ds = _rich_dataset()
+    ds.add_new(0xFFFCFFFC, "OB", b"\x00" * 8)  # Data Set Trailing Padding
+    body = _encode(ds, False)
+    header.scan(body, SELECTION.numbers, implicit=False)
+    with pytest.raises(header.MalformedDataset):
+        header.scan(body[:-3], SELECTION.numbers, implicit=False)
