@@ -198,7 +198,8 @@ def test_truncated_data_sets_are_malformed(cut: int) -> None:
 
 def test_a_header_beyond_the_prefix_is_read_from_the_file(tmp_path: Path) -> None:
     ds = _rich_dataset()
-    ds.add_new(0x00091002, "UN", b"x" * 70_000)  # pushes the wanted elements after it out of the prefix
+    # pushes the wanted elements after it out of the prefix
+    ds.add_new(0x00091002, "UN", b"x" * 70_000)
     ds.PatientSex = "O"
     body = _encode(ds, False)
     path = tmp_path / "data"
