@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +42,7 @@ from receiver.storage import (
     StoreRefused,
 )
 from receiver.tags import TagSelection
+from receiver.tempfiles import TempFiles
 
 logger = logging.getLogger(__name__)
 
@@ -115,18 +115,18 @@ class Association:
         conn: Connection,
         peer_address: str,
         settings: ReceiverSettings,
-        temp_names: Callable[[], str],
     ) -> None:
         self.conn = conn
         self.settings = settings
         self.summary = AssociationSummary(peer_address=peer_address)
-        self._temp_names = temp_names
         self._negotiated: Negotiated | None = None
         self._message: _Message | None = None
         self._buffer = memoryview(bytearray(STREAM_CHUNK))
         self.stop_requested = False
         self._selection = TagSelection.build(settings.additional_tags)
-        self._flusher = ThreadPoolExecutor(1, "flush") if settings.durable else None
+        self._helper = ThreadPoolExecutor(1, "flush")
+        self._flusher = self._helper if settings.durable else None
+        self._temp_files = TempFiles(settings.incoming, self._helper)
 
     @property
     def busy(self) -> bool:
@@ -155,8 +155,8 @@ class Association:
             if self._message is not None and self._message.writer is not None:
                 self._message.writer.discard()
             self._message = None
-            if self._flusher is not None:
-                self._flusher.shutdown()
+            self._temp_files.close()
+            self._helper.shutdown()
             self.summary.ended = time.time()
             self.conn.close()
         return self.summary
@@ -316,7 +316,7 @@ class Association:
             _, transfer_syntax = self._negotiated.accepted[message.context_id]
             message.writer = InstanceWriter(
                 self.settings.incoming,
-                self._temp_names(),
+                self._temp_files.take,
                 sop_class_uid=command.sop_class_uid,
                 sop_instance_uid=command.sop_instance_uid,
                 transfer_syntax=transfer_syntax,

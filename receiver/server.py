@@ -15,7 +15,6 @@ association and exits. The parent exits 0 once every child is gone.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
 import os
 import select
@@ -35,7 +34,7 @@ from common.errors import CaduceusError, ConfigError
 from common.outbox import NewEvent, Outbox, outbox_path
 from receiver.association import Association, AssociationSummary, ReceiverSettings
 from receiver.pdu import Connection
-from receiver.storage import clean_stale_temp_files, temp_owner
+from receiver.tempfiles import clean_stale_temp_files
 
 logger = logging.getLogger(__name__)
 
@@ -197,12 +196,8 @@ class ReceiverServer:
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        counter = itertools.count()
-        owner = temp_owner()
         peer_address = peer[0]
-        association = Association(
-            Connection(conn), peer_address, self.settings, lambda: f"{owner}-{next(counter)}"
-        )
+        association = Association(Connection(conn), peer_address, self.settings)
         association.summary.peer_port = peer[1]
 
         def on_term(_signum: int, _frame: FrameType | None) -> None:

@@ -9,7 +9,6 @@ a dead process, which :func:`clean_stale_temp_files` removes.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import ctypes.util
 import errno
@@ -25,15 +24,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, cast
 
-import psutil
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
-from common.spool import SEPARATOR, TEMP_DIR, fsync_dir
+from common.spool import SEPARATOR, fsync_dir
 from receiver import header, status
 from receiver.negotiation import COMPRESSED
 from receiver.tags import TagSelection, ValueReader, build_tags, dataset_reader, decoded_reader
+from receiver.tempfiles import TempPair
 
 logger = logging.getLogger(__name__)
 
@@ -132,7 +131,7 @@ class InstanceWriter:
     def __init__(
         self,
         incoming: Path,
-        temp_stem: str,
+        temp: Callable[[], TempPair],
         *,
         sop_class_uid: str,
         sop_instance_uid: str,
@@ -151,8 +150,7 @@ class InstanceWriter:
         self._flushed = 0
         self.dataset_size = 0
         self._prefix = bytearray()
-        tmp_dir = incoming / TEMP_DIR
-        self.tmp_path = tmp_dir / f"{temp_stem}.dcm"
+        self._temp: TempPair | None = None
         self._fd: int | None = None
         try:
             check_uid("AffectedSOPClassUID", sop_class_uid)
@@ -161,7 +159,8 @@ class InstanceWriter:
             self.error = refused
             return
         try:
-            self._fd = os.open(self.tmp_path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+            self._temp = temp()
+            self._fd = self._temp.dcm_fd
             self._write(_PREAMBLE + self._file_meta_bytes())
         except OSError as exc:
             self._fail_write(exc)
@@ -200,18 +199,15 @@ class InstanceWriter:
 
     def _fail_write(self, exc: OSError) -> None:
         kind = "disk full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "write failed"
-        logger.error("cannot write %s: %s (%s)", self.tmp_path, kind, exc)
+        logger.error("cannot write instance %s: %s (%s)", self.sop_instance_uid[:80], kind, exc)
         self.error = StoreRefused(status.OUT_OF_RESOURCES, f"{kind}: {exc.strerror}")
         self.discard()
 
     def discard(self) -> None:
-        """Drop the temporary file (idempotent)."""
-        if self._fd is not None:
-            with contextlib.suppress(OSError):
-                os.close(self._fd)
-            self._fd = None
-        with contextlib.suppress(FileNotFoundError):
-            self.tmp_path.unlink()
+        """Drop the temporary files (idempotent)."""
+        self._fd = None
+        if self._temp is not None:
+            self._temp.remove()
 
     def commit(self, selection: TagSelection, flusher: Executor | None = None) -> StoredInstance:
         """Validate the complete instance and move it into its series folder.
@@ -233,8 +229,8 @@ class InstanceWriter:
             raise self.error from exc
 
     def _commit(self, selection: TagSelection, flusher: Executor | None) -> StoredInstance:
-        fd, self._fd = self._fd, None
-        assert fd is not None
+        fd, temp = self._fd, self._temp
+        assert fd is not None and temp is not None
         flushing: Future[None] | None = None
         try:
             if self.durable:
@@ -243,27 +239,25 @@ class InstanceWriter:
                 else:
                     flushing = flusher.submit(os.fdatasync, fd)
             tags = self._side_car(selection, fd)
-            tags_tmp = self.tmp_path.with_suffix(".tags")
             data = json.dumps(tags, ensure_ascii=False).encode("utf-8")
-            _write_file(tags_tmp, data, self.durable)
+            _write_all(temp.tags_fd, data)
+            if self.durable:
+                os.fdatasync(temp.tags_fd)
         finally:
             if flushing is not None:
                 flushing.result()
-            os.close(fd)
+        temp.close()
+        self._fd = None
         series_uid = tags["SeriesInstanceUID"]
-        try:
-            series_dir = _move_into_series(
-                self.incoming,
-                series_uid,
-                [
-                    (self.tmp_path, tags["Filename"]),
-                    (tags_tmp, tags["Filename"].removesuffix(".dcm") + ".tags"),
-                ],
-                self.durable,
-            )
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                tags_tmp.unlink()
+        series_dir = _move_into_series(
+            self.incoming,
+            series_uid,
+            [
+                (temp.dcm_path, tags["Filename"]),
+                (temp.tags_path, tags["Filename"].removesuffix(".dcm") + ".tags"),
+            ],
+            self.durable,
+        )
         return StoredInstance(
             series_uid=series_uid,
             study_uid=_uid(tags, "StudyInstanceUID"),
@@ -322,7 +316,8 @@ class InstanceWriter:
 
     def _read_header(self) -> Dataset:
         try:
-            ds = dcmread(self.tmp_path, stop_before_pixels=True)
+            assert self._temp is not None
+            ds = dcmread(self._temp.dcm_path, stop_before_pixels=True)
             ds.get("SeriesInstanceUID")  # forces decoding of the elements read so far
             return ds
         except (InvalidDicomError, ValueError, EOFError, OSError, KeyError, TypeError) as exc:
@@ -335,16 +330,10 @@ def _uid(tags: dict[str, str], keyword: str) -> str:
     return tags.get(keyword, "").strip("\x00 ")
 
 
-def _write_file(path: Path, data: bytes, durable: bool) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        if durable:
-            os.fdatasync(fd)
-    finally:
-        os.close(fd)
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def _move_into_series(
@@ -393,48 +382,3 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
     function = _sync_file_range()
     if function is not None:
         function(fd, offset, length, SYNC_FILE_RANGE_WRITE)
-
-
-def temp_owner() -> str:
-    """This process as temporary files name it: ``<pid>.<start time in 1/100 s>``.
-
-    The start time tells a live owner from a later process that reuses its pid.
-    """
-    return f"{os.getpid()}.{_start_ticks(os.getpid())}"
-
-
-def _start_ticks(pid: int) -> int | None:
-    try:
-        process = psutil.Process(pid)
-        if process.status() == psutil.STATUS_ZOMBIE:
-            return None
-        return int(process.create_time() * 100)
-    except (psutil.NoSuchProcess, psutil.ZombieProcess):
-        return None
-
-
-def _owner_alive(owner: str) -> bool:
-    pid, _, ticks = owner.partition(".")
-    if not (pid.isdigit() and ticks.isdigit()):
-        return False
-    return _start_ticks(int(pid)) == int(ticks)
-
-
-def clean_stale_temp_files(incoming: Path) -> int:
-    """Remove temporary files in ``incoming/.tmp`` whose writer process is gone.
-
-    A killed association process can stay a zombie for a moment, and its pid can be reused;
-    neither counts as alive.
-    """
-    removed = 0
-    tmp_dir = incoming / TEMP_DIR
-    tmp_dir.mkdir(parents=True, exist_ok=True)
-    for path in tmp_dir.iterdir():
-        if _owner_alive(path.name.split("-", 1)[0]):
-            continue
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-            removed += 1
-    if removed:
-        logger.warning("removed %d temporary files of dead receiver processes", removed)
-    return removed
