@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import pytest
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom.sop_class import Verification
 
+from common.spool import atomic_write_json
 from tests.dicom_factory import Instance
 from tests.helpers import (
     RJ_PERMANENT,
@@ -117,3 +119,45 @@ def test_associations_are_accepted_again_once_space_is_freed(
     wait_until(lambda: rejection(rx.port) is None, timeout=15, what="association accepted")
     with associate(rx.port, ECHO) as assoc:
         assert assoc.send_c_echo().Status == SUCCESS
+
+
+def _rewrite_config(rx_config: Path, **receiver_settings: object) -> None:
+    config = json.loads(rx_config.read_text())
+    config["dicom_receiver"].update(receiver_settings)
+    atomic_write_json(rx_config, config)
+
+
+def test_an_allow_list_added_to_the_config_applies_without_a_restart(
+    receiver: ReceiverFactory,
+) -> None:
+    rx = receiver()
+    assert rejection(rx.port, calling="INTRUDER") is None
+
+    _rewrite_config(rx.config_path, allowed_calling_aets=["PACS"])
+
+    wait_until(
+        lambda: rejection(rx.port, calling="INTRUDER") is not None,
+        timeout=15,
+        what="the new allow-list to apply",
+    )
+    assert rejection(rx.port, calling="PACS") is None
+    assert rx.process.poll() is None
+
+
+def test_an_invalid_config_change_keeps_the_last_valid_one(receiver: ReceiverFactory) -> None:
+    rx = receiver(allowed_calling_aets=["PACS"])
+
+    _rewrite_config(rx.config_path, allowed_addresses=["not-a-network"])
+
+    wait_until(
+        lambda: "configuration change refused" in rx.log(),
+        timeout=15,
+        what="the receiver to refuse the broken configuration",
+    )
+    assert "allowed_addresses" in rx.log()
+    assert rejection(rx.port, calling="INTRUDER") == (
+        RJ_PERMANENT,
+        RJ_SOURCE_USER,
+        RJ_REASON_CALLING_AE,
+    )
+    assert rejection(rx.port, calling="PACS") is None
