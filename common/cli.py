@@ -27,7 +27,16 @@ from common.logs import setup_logging
 from common.spool import SpoolPaths
 from common.supervisor import ChildSpec, RestartPolicy, Supervisor
 
-SERVICES = ("receiver", "router", "processor", "dispatcher", "cleaner", "bookkeeper", "webgui")
+SERVICES = (
+    "receiver",
+    "router",
+    "processor",
+    "dispatcher",
+    "cleaner",
+    "bookkeeper",
+    "shipper",
+    "webgui",
+)
 """Every service (DESIGN §2), in the order ``caduceus up`` starts them."""
 
 Handler = Callable[[argparse.Namespace], int]

@@ -1,0 +1,1 @@
+"""Event shipper: sends every outbox of this host to the bookkeeper (``docs/events.md``)."""

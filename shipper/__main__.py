@@ -1,0 +1,5 @@
+import sys
+
+from shipper.main import main
+
+sys.exit(main())
