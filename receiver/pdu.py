@@ -30,6 +30,11 @@ A_ABORT_TYPE: Final = 0x07
 MAX_ASSOCIATE_RQ_LENGTH: Final = 1 << 20
 """An A-ASSOCIATE-RQ larger than this is refused (protects memory; real ones are a few KB)."""
 
+READ_BUFFER: Final = 1 << 14
+"""Read buffer of a connection. Reads of at least this size bypass the buffer and go straight
+from the socket into the caller's memory (CPython's BufferedReader), so data set fragments, which
+are larger, are not copied twice; the buffer only serves the small header reads."""
+
 _HEADER = struct.Struct(">BxI")
 _PDV_HEADER = struct.Struct(">IBB")
 
@@ -56,7 +61,7 @@ class PdvHeader:
 class Connection:
     """A blocking socket with a read buffer and PDU helpers."""
 
-    def __init__(self, sock: socket.socket, read_buffer: int = 1 << 18) -> None:
+    def __init__(self, sock: socket.socket, read_buffer: int = READ_BUFFER) -> None:
         self.sock = sock
         self._reader = cast(io.BufferedReader, sock.makefile("rb", buffering=read_buffer))
         self.peer_max_pdu = 0
