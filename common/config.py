@@ -486,6 +486,10 @@ class Config(_Model):
     cleaner_scan_interval: Interval = 60
     retention: Seconds = 259200
     emergency_clean_percentage: Annotated[int, Field(ge=0, le=100)] = 90
+    error_retention: Seconds = 0
+    """Caduceus: seconds a task stays in ``error/`` before the cleaner deletes it; 0 = forever."""
+    emergency_clean_error: bool = False
+    """Caduceus: emergency cleaning may delete ``error/`` tasks (after success/discard ones)."""
     retry_delay: Seconds = 900
     retry_max: Annotated[int, Field(ge=0)] = 5
     series_complete_trigger: Seconds = 60

@@ -1,0 +1,5 @@
+import sys
+
+from cleaner.main import main
+
+sys.exit(main())
