@@ -1,20 +1,12 @@
-"""The cleaner's settings, taken from the configuration once per pass.
-
-``error_retention`` and ``emergency_clean_error`` are Caduceus settings that the shared
-configuration model may not declare yet. The model keeps fields it does not know, so they are
-read here with :func:`getattr` and checked by hand: an unusable value keeps ``error/`` forever
-(the safe side) and is reported.
-"""
+"""The cleaner's settings, taken from the configuration once per pass."""
 
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import time
 from pathlib import Path
-from typing import Any
 
 from common.config import Config
 from common.spool import Folder, SpoolPaths
@@ -46,11 +38,9 @@ class CleanerSettings:
         return cls(
             paths=paths,
             retention=float(config.retention),
-            error_retention=_seconds(getattr(config, "error_retention", 0), "error_retention"),
+            error_retention=float(config.error_retention),
             emergency_percentage=config.emergency_clean_percentage,
-            emergency_clean_error=_flag(
-                getattr(config, "emergency_clean_error", False), "emergency_clean_error"
-            ),
+            emergency_clean_error=config.emergency_clean_error,
             scan_interval=float(config.cleaner_scan_interval),
             is_offpeak=config.is_offpeak,
             cleaned=safe_folders(paths, config.persistence_path()),
@@ -101,20 +91,3 @@ def safe_folders(paths: SpoolPaths, persistence: Path) -> tuple[Folder, ...]:
         else:
             safe.append(folder)
     return tuple(safe)
-
-
-def _seconds(value: Any, name: str) -> float:
-    if value is None:
-        return 0.0
-    number = isinstance(value, int | float) and not isinstance(value, bool)
-    if number and math.isfinite(value) and value >= 0:
-        return float(value)
-    logger.error("%s: %r is not a number of seconds >= 0; error/ is kept forever", name, value)
-    return 0.0
-
-
-def _flag(value: Any, name: str) -> bool:
-    if value is None or isinstance(value, bool):
-        return bool(value)
-    logger.error("%s: %r is not true or false; taken as false", name, value)
-    return False
