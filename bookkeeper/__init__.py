@@ -1,1 +1,4 @@
-"""Caduceus bookkeeper service (not implemented yet; see the issue tracker)."""
+"""Caduceus bookkeeper: stores every service's events and answers the GUI's history queries.
+
+``python -m bookkeeper --config PATH``; see ``docs/bookkeeper.md``.
+"""

@@ -1,0 +1,5 @@
+import sys
+
+from bookkeeper.main import main
+
+sys.exit(main())

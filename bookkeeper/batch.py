@@ -1,0 +1,93 @@
+"""The projection of one ingest batch while it is built: shared by the ``project_*`` modules."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Final
+
+from sqlalchemy import Connection
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import DeclarativeBase
+
+from bookkeeper.models import HourlyStat
+
+TASK_FIELDS: Final = ("parent_id", "series_uid", "study_uid", "rule", "target", "status", "data")
+"""The task columns a ``task_update`` sets."""
+
+
+def hour_of(time: datetime) -> datetime:
+    """The start of the UTC hour ``time`` falls in (the key of ``hourly_stats``)."""
+    return time.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
+
+
+def dialect_insert(conn: Connection, model: type[DeclarativeBase]) -> Any:
+    """The dialect's INSERT (with ON CONFLICT support) for ``model``."""
+    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+    return dialect.insert(model)
+
+
+def chunks(items: Sequence[str], size: int) -> Iterator[Sequence[str]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+@dataclass
+class TaskState:
+    """A task row while a batch is merged into it."""
+
+    id: str
+    created_at: datetime
+    updated_at: datetime
+    parent_id: str | None = None
+    series_uid: str | None = None
+    study_uid: str | None = None
+    rule: str | None = None
+    target: str | None = None
+    status: str | None = None
+    data: dict[str, Any] | None = None
+    dirty: bool = False
+    status_changed: bool = False
+
+    def as_row(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+            **{name: getattr(self, name) for name in TASK_FIELDS},
+        }
+
+
+@dataclass
+class Batch:
+    """One batch being projected: its connection, counters and the tasks it touched."""
+
+    conn: Connection
+    stats: Counter[tuple[datetime, str, str]] = field(default_factory=Counter)
+    tasks: dict[str, TaskState] = field(default_factory=dict)
+
+    def count(self, time: datetime, metric: str, key: str = "", value: int = 1) -> None:
+        self.stats[hour_of(time), metric, key] += value
+
+    def insert_rows(self, model: type[DeclarativeBase], rows: list[dict[str, Any]]) -> None:
+        if rows:
+            self.conn.execute(dialect_insert(self.conn, model), rows)
+
+
+def write_stats(batch: Batch) -> None:
+    """Add the batch's counts to ``hourly_stats`` (sorted, so concurrent batches never
+    deadlock on the rows they share)."""
+    if not batch.stats:
+        return
+    rows = [
+        {"hour": hour, "metric": metric, "key": key, "value": value}
+        for (hour, metric, key), value in sorted(batch.stats.items())
+    ]
+    statement = dialect_insert(batch.conn, HourlyStat)
+    statement = statement.on_conflict_do_update(
+        index_elements=["hour", "metric", "key"],
+        set_={"value": HourlyStat.value + statement.excluded.value},
+    )
+    batch.conn.execute(statement, rows)

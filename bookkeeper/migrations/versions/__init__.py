@@ -1,0 +1,1 @@
+"""Alembic revisions, oldest first; each works on PostgreSQL and SQLite."""
