@@ -1,0 +1,72 @@
+"""Entry point of the dispatcher service: ``python -m dispatcher --config PATH [--once]``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+from pynetdicom import _config as pynetdicom_config
+
+from common import exitcodes
+from common.config import CONFIG_ENV, load_config, resolve_config_path
+from common.errors import ConfigError, OutboxError
+from common.logs import setup_logging
+from dispatcher.events import DispatchEvents
+from dispatcher.service import DispatcherService
+
+logger = logging.getLogger(__name__)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="caduceus dispatcher",
+        description="Sends the task folders of outgoing/ to their targets (C-STORE, folder, ...).",
+    )
+    parser.add_argument(
+        "--config", help=f"configuration file (default: ${CONFIG_ENV} or config/caduceus.json)"
+    )
+    parser.add_argument(
+        "--once",
+        action="store_true",
+        help="dispatch every task that is ready now, then exit",
+    )
+    return parser
+
+
+def quiet_pynetdicom() -> None:
+    """Turn off pynetdicom's default per-PDU logging handlers (process-wide).
+
+    pynetdicom binds handlers that format a log record for every PDU and DIMSE message unless
+    ``LOG_HANDLER_LEVEL`` is ``"none"``; our logging keeps pynetdicom at WARNING anyway. Measured:
+    about 15 % more MB/s and less CPU per instance (``docs/dispatcher.md``)."""
+    pynetdicom_config.LOG_HANDLER_LEVEL = "none"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging("dispatcher")
+    quiet_pynetdicom()
+    config_path = resolve_config_path(args.config).absolute()
+    try:
+        config = load_config(config_path)
+        events = DispatchEvents.open(config.spool_paths().state)
+        service = DispatcherService(config, config_path, events=events)
+    except ConfigError as exc:
+        logger.error("invalid configuration %s: %s", config_path, exc)
+        return exitcodes.EX_CONFIG
+    except OutboxError as exc:
+        logger.error("cannot open the event outbox: %s", exc)
+        return exitcodes.EX_CANTCREAT
+    try:
+        if args.once:
+            return service.once()
+        service.install_signal_handlers()
+        code = service.run()
+    finally:
+        events.close()
+    if code == exitcodes.EX_INTERRUPTED:
+        # Worker threads may still be inside a send: leave without joining them.
+        logging.shutdown()
+        os._exit(code)
+    return code
