@@ -486,6 +486,17 @@ class Config(_Model):
     cleaner_scan_interval: Interval = 60
     retention: Seconds = 259200
     emergency_clean_percentage: Annotated[int, Field(ge=0, le=100)] = 90
+    dispatcher_max_parallel: int | None = None
+    """Caduceus dispatcher settings: None means the dispatcher's default; the dispatcher validates
+    them (``dispatcher/settings.py``, documented in docs/dispatcher.md)."""
+    retry_multiplier: float | None = None
+    retry_max_delay: float | None = None
+    dispatcher_aet: str | None = None
+    dispatcher_max_pdu: int | None = None
+    dispatcher_connection_timeout: float | None = None
+    dispatcher_acse_timeout: float | None = None
+    dispatcher_dimse_timeout: float | None = None
+    dispatcher_network_timeout: float | None = None
     error_retention: Seconds = 0
     """Caduceus: seconds a task stays in ``error/`` before the cleaner deletes it; 0 = forever."""
     emergency_clean_error: bool = False

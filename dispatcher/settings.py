@@ -1,10 +1,9 @@
 """The dispatcher's settings, taken from the user configuration once per loop iteration.
 
 mercure's fields (``dispatcher_scan_interval``, ``retry_delay``, ``retry_max``, ``offpeak_*``)
-are declared by :class:`common.config.Config`. The Caduceus additions below are not (yet): the
-configuration keeps unknown top-level fields (``extra="allow"``), so they are read from there
-and validated here; ``docs/dispatcher.md`` lists them. A bad value is a :class:`ConfigError`
-naming the field, as for every other setting.
+and the Caduceus additions below are declared by :class:`common.config.Config`; the additions
+default to None there and get their defaults and validation here; ``docs/dispatcher.md`` lists
+them. A bad value is a :class:`ConfigError` naming the field, as for every other setting.
 """
 
 from __future__ import annotations
