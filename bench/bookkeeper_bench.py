@@ -253,7 +253,7 @@ def event_mix(count: int, producer: str, rng: random.Random) -> list[dict[str, A
         task_id = uuid.uuid4().hex
         association_id = uuid.uuid4().hex
         sops = [f"{series_uid}.{n}" for n in range(1, 21)]
-        group = [
+        group: list[tuple[str, dict[str, Any]]] = [
             (
                 "association",
                 {
