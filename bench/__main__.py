@@ -15,7 +15,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from bench import data, fsprobe, procs, profile, report
+from bench import data, fsprobe, others, procs, profile, report
 from bench.peers import REPO, Caduceus, StoreScp, receiver_available
 from bench.receiver_bench import RECEIVER_WORKERS, SCENARIOS, Scenario, run_scenario
 
@@ -30,7 +30,7 @@ RET_MISSING_TOOL = 3
 OUT = REPO / "bench" / "out"
 DOC = REPO / "docs" / "benchmarks.md"
 PROFILED = ("ct1", "ct4", "small")
-BENCHES = ("receiver",)
+BENCHES = ("receiver", *others.SECTIONS)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -97,9 +97,23 @@ def main(argv: list[str] | None = None) -> int:
         logger.error("--reps must be at least 1")
         return RET_USAGE
     reps = args.reps or (1 if args.quick else 3)
-    selected = [s for s in SCENARIOS if args.only in (None, "receiver", s.name)]
+    given = sys.argv[1:] if argv is None else argv
+    command = "make bench" if not given else "python -m bench " + " ".join(given)
     work = OUT / "work"
     shutil.rmtree(work, ignore_errors=True)
+    if args.only in others.SECTIONS:
+        others.run(args.only, work, args.quick, command, DOC, OUT)
+        return RET_OK
+    code = _receiver(args, reps, command, work)
+    if args.only is None:
+        for name in others.SECTIONS:
+            logger.info("benchmark: %s", name)
+            others.run(name, work, args.quick, command, DOC, OUT)
+    return code
+
+
+def _receiver(args: argparse.Namespace, reps: int, command: str, work: Path) -> int:
+    selected = [s for s in SCENARIOS if args.only in (None, "receiver", s.name)]
     if not receiver_available():
         logger.warning("receiver/__main__.py does not exist yet: measuring storescp only")
     load_before, digest_before = report.load(), report.source_digest()
@@ -110,8 +124,6 @@ def main(argv: list[str] | None = None) -> int:
     profiles = _profiles(selected, args.quick) if args.profile else []
     peer_commands = {p.label: p.command for r in results for p in r.peers}
     full = not args.quick and args.only in (None, "receiver")
-    given = sys.argv[1:] if argv is None else argv
-    command = "make bench" if not given else "python -m bench " + " ".join(given)
     body = report.receiver_section(
         results,
         reps,
