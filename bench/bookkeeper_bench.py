@@ -749,14 +749,19 @@ def run_backend(backend: str, work: Path, postgres_url: str | None, scale: Scale
 
 
 def run(
-    work: Path, *, postgres_url: str | None = None, quick: bool = False, scale: Scale | None = None
+    work: Path,
+    *,
+    postgres_url: str | None = None,
+    quick: bool = False,
+    scale: Scale | None = None,
+    backends: tuple[str, ...] = ("sqlite", "postgresql"),
 ) -> Results:
-    """Both benchmarks on SQLite and, given a server URL, PostgreSQL."""
+    """Both benchmarks on SQLite and, given a server URL, PostgreSQL (or only ``backends``)."""
     scale = scale or (QUICK if quick else FULL)
     postgres_url = postgres_url or os.environ.get(POSTGRES_ENV)
     results = Results(scale, datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"))
     shutil.rmtree(work, ignore_errors=True)
-    backends = ["sqlite"] + (["postgresql"] if postgres_url else [])
+    backends = tuple(b for b in backends if b != "postgresql" or postgres_url)
     if not postgres_url:
         results.notes.append(f"PostgreSQL not measured: no server ({POSTGRES_ENV} unset).")
     try:
@@ -829,13 +834,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--events", type=int, help="raw events to seed (overrides the scale)")
     parser.add_argument("--postgres", help=f"PostgreSQL server URL (default: ${POSTGRES_ENV})")
     parser.add_argument("--docs", action="store_true", help="rewrite the docs section too")
+    parser.add_argument(
+        "--backend", choices=("sqlite", "postgresql"), action="append", help="only these"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     scale = QUICK if args.quick else FULL
     if args.series or args.events:
         series = args.series or scale.series
         scale = Scale(series, args.events or series * 10, scale.ingest_events, scale.repeats)
-    results = run(OUT / "work" / "bookkeeper", postgres_url=args.postgres, scale=scale)
+    backends = tuple(args.backend or ("sqlite", "postgresql"))
+    results = run(
+        OUT / "work" / "bookkeeper", postgres_url=args.postgres, scale=scale, backends=backends
+    )
     body = markdown(results)
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "bookkeeper.md").write_text(body + "\n")
