@@ -76,8 +76,9 @@ class RestartPolicy:
     """A child that ran this long before it exited is healthy again: the delay starts over."""
     config_delay: float = 300.0
     """The wait after an ``EX_CONFIG`` exit, unless the watched file changes first."""
-    stop_grace: float = 10.0
-    """How long a child has after SIGTERM before it is killed."""
+    stop_grace: float = 60.0
+    """How long a child has after SIGTERM before it is killed: long enough for the receiver to
+    finish the instances in flight and the dispatcher its current sends."""
 
     def delay(self, failures: int) -> float:
         """The wait before restarting after ``failures`` exits in a row (1, 2, 3, ...)."""
