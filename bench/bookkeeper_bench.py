@@ -823,6 +823,17 @@ def markdown(results: Results) -> str:
     return "\n".join(lines)
 
 
+def _jsonable(value: Any) -> Any:
+    """``value`` with tuple keys turned into strings and other odd values into text."""
+    if isinstance(value, dict):
+        return {str(key): _jsonable(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(item) for item in value]
+    if isinstance(value, str | int | float | bool) or value is None:
+        return value
+    return str(value)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench.bookkeeper_bench",
@@ -850,7 +861,7 @@ def main(argv: list[str] | None = None) -> int:
     body = markdown(results)
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "bookkeeper.md").write_text(body + "\n")
-    (OUT / "bookkeeper-results.json").write_text(json.dumps(asdict(results), indent=1, default=str))
+    (OUT / "bookkeeper-results.json").write_text(json.dumps(_jsonable(asdict(results)), indent=1))
     if args.docs:
         report.replace_section(DOC, "bookkeeper", body)
     print(body)
