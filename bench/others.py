@@ -13,6 +13,7 @@ from pathlib import Path
 from bench import bookkeeper_bench, report
 from bench.dispatch_bench import bench_dispatch
 from bench.dispatch_bench import report_markdown as dispatch_markdown
+from bench.pipeline_bench import bench_pipeline
 from bench.router_bench import bench_router_tick
 from dispatcher.main import quiet_pynetdicom
 
@@ -66,10 +67,39 @@ def bookkeeper_section(work: Path, quick: bool, command: str) -> str:
     return _stamp(command) + "\n\n" + bookkeeper_bench.markdown(results)
 
 
+def pipeline_section(work: Path, quick: bool, command: str) -> str:
+    result = bench_pipeline(work / "pipeline", quick)
+    lines = [
+        "## Pipeline overhead",
+        "",
+        _stamp(command),
+        "",
+        f"{result['instances']} CT instances ({result['total_bytes'] / 1e6:.1f} MB), median of"
+        f" {result['reps']} run(s). Overhead = (last instance at the target - last instance"
+        f" received) - series_complete_trigger ({result['series_complete_trigger_s']} s) - the"
+        f" pure send time ({result['pure_send_s']} s, `storescu` → `storescp` directly, same"
+        f" run). Target (issue 4): < {result['target_s']} s.",
+        "",
+        "| scan intervals | received → at target (s) | overhead (s) | complete → task (s)"
+        " | task → first file at target (s) | dispatch (s) | target |",
+        "|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for name, config in result["configs"].items():
+        verdict = "pass" if config["target_met"] else "**FAIL**"
+        lines.append(
+            f"| {name} ({config['router_scan_interval_s']} s) | {config['received_to_target_s']}"
+            f" | {config['overhead_s']} | {config['complete_to_task_s']}"
+            f" | {config['task_to_first_s']} | {config['dispatch_s']} | {verdict} |"
+        )
+        lines.extend(f"| failure | {failure} | | | | | |" for failure in config["failures"])
+    return "\n".join(lines)
+
+
 SECTIONS: dict[str, Callable[[Path, bool, str], str]] = {
     "router": router_section,
     "dispatch": dispatch_section,
     "bookkeeper": bookkeeper_section,
+    "pipeline": pipeline_section,
 }
 
 
