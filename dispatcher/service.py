@@ -21,6 +21,7 @@ import os
 import select
 import signal
 import threading
+import time
 from datetime import datetime
 from pathlib import Path
 from types import FrameType
@@ -29,7 +30,14 @@ from typing import Final
 from common import exitcodes
 from common.config import Config, load_config
 from common.errors import ConfigError
-from common.spool import SpoolPaths, is_halted
+from common.spool import (
+    DEFAULT_STALE_AFTER,
+    Marker,
+    SpoolPaths,
+    is_halted,
+    iter_dirs,
+    recover_if_stale,
+)
 from common.task import now_utc
 from dispatcher.events import DispatchEvents
 from dispatcher.execute import Outcome, TaskRunner
@@ -107,8 +115,12 @@ class DispatcherService:
             self.settings.max_parallel,
         )
         try:
+            next_sweep = 0.0
             while not self._stopping:
                 self._reload_config()
+                if time.monotonic() >= next_sweep:
+                    recover_final_claims(self.paths)
+                    next_sweep = time.monotonic() + CLAIM_SWEEP_INTERVAL
                 self._schedule()
                 self._sleep(self.settings.scan_interval)
             return self._drain()
@@ -211,6 +223,28 @@ class DispatcherService:
             logger.warning("the new spool folders apply after a restart of the dispatcher")
         self.config, self.settings = config, settings
         logger.info("configuration reloaded")
+
+
+CLAIM_SWEEP_INTERVAL: Final = 60.0
+"""Seconds between two sweeps of success/ and error/ for claims of dead dispatchers."""
+
+
+def recover_final_claims(paths: SpoolPaths) -> int:
+    """Remove abandoned ``.processing`` claims from tasks in ``success/`` and ``error/``.
+
+    A dispatcher moves a task with its claim and releases it right after; killed in between,
+    it leaves the claim behind, and the cleaner would keep the task forever. A claim there whose
+    owner is gone (or whose heartbeat is stale) is recovered, with a log line.
+    """
+    recovered = 0
+    for root in (paths.success, paths.error):
+        for entry in iter_dirs(root):
+            claim = Path(entry.path) / Marker.PROCESSING
+            if claim.exists() and recover_if_stale(claim, DEFAULT_STALE_AFTER) is not None:
+                recovered += 1
+    if recovered:
+        logger.warning("removed %d abandoned claim(s) from finished tasks", recovered)
+    return recovered
 
 
 def _mtime(path: Path | None) -> float:

@@ -378,14 +378,6 @@ def test_the_cleaner_alongside_deletes_delivered_tasks_only(
         assert_nothing_stuck(pipeline)
 
 
-DISPATCHER_BUG_CLAIM_IN_SUCCESS = (
-    "dispatcher bug: kill -9 between the rename to success/ and the release of the claim "
-    "(dispatcher/execute.py _move, then events.moved, then lock.release) leaves a dead "
-    "owner's .processing that nobody recovers; the cleaner counts the task as locked forever"
-)
-
-
-@pytest.mark.xfail(reason=DISPATCHER_BUG_CLAIM_IN_SUCCESS, strict=True)
 def test_a_claim_a_killed_dispatcher_left_in_success_does_not_keep_the_task_forever(
     tmp_path: Path,
 ) -> None:
