@@ -59,7 +59,7 @@ def router_section(work: Path, quick: bool, command: str) -> str:
 def dispatch_section(work: Path, quick: bool, command: str) -> str:
     quiet_pynetdicom()
     result = bench_dispatch(work / "dispatch", quick=quick)
-    return "## Dispatcher\n\n" + _stamp(command) + "\n\n" + dispatch_markdown(result)
+    return _stamp(command) + "\n\n" + dispatch_markdown(result)
 
 
 def bookkeeper_section(work: Path, quick: bool, command: str) -> str:

@@ -90,11 +90,15 @@ def deliver_task(
     owner: LockOwner,
     checkpoint: Checkpoint,
     series_uid: str,
+    task_roots: tuple[Path, ...] = (),
 ) -> list[str] | None:
     """Build ``dest/<task_id>`` atomically; the names of missing source files, or None when
     the task folder already existed (delivered before a crash)."""
     final = dest / planned.task_id
-    if final.exists():
+    marker = delivered_marker(series_dir, planned.task_id)
+    if marker.exists() or any((other / planned.task_id).exists() for other in task_roots):
+        # Delivered before a crash; a consumer may already have moved it on to success/ or
+        # error/, so it is looked for there too and never built twice.
         return None
     tmp = temp_task_dir(dest, planned.task_id)
     if os.path.lexists(tmp):
@@ -117,8 +121,26 @@ def deliver_task(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     fsync_dir(dest)
+    marker.touch()
+    fsync_dir(series_dir)
     checkpoint(Step.TASK_DELIVERED, series_uid)
     return missing
+
+
+DELIVERED_PREFIX = ".delivered-"
+
+
+def delivered_marker(series_dir: Path, task_id: str) -> Path:
+    """The file recording, in the locked series folder, that a planned task was delivered."""
+    return series_dir / f"{DELIVERED_PREFIX}{task_id}"
+
+
+def remove_delivered_markers(series_dir: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        for path in series_dir.iterdir():
+            if path.name.startswith(DELIVERED_PREFIX):
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
 
 
 def deliver_all(
@@ -132,7 +154,10 @@ def deliver_all(
     outcome = Outcome()
     for planned in journal.tasks:
         dest = folder_path(paths, planned.folder)
-        missing = deliver_task(planned, series_dir, dest, owner, checkpoint, journal.series_uid)
+        roots = (dest, *(folder_path(paths, folder) for folder in TASK_FOLDERS))
+        missing = deliver_task(
+            planned, series_dir, dest, owner, checkpoint, journal.series_uid, roots
+        )
         if missing is None:
             continue
         outcome.delivered.append(planned.task_id)
@@ -148,6 +173,8 @@ def remove_sources(journal: Journal, series_dir: Path, checkpoint: Checkpoint) -
     fsync_dir(series_dir)
     checkpoint(Step.SOURCES_REMOVED, journal.series_uid)
     remove_journal(series_dir)
+    # Only once the journal is gone: without it nothing is replayed, so the markers are moot.
+    remove_delivered_markers(series_dir)
     checkpoint(Step.JOURNAL_REMOVED, journal.series_uid)
 
 

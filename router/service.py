@@ -34,7 +34,7 @@ from common import exitcodes
 from common.config import Config, load_config
 from common.errors import ConfigError, LockedError
 from common.spool import Folder, LockOwner, Marker, SpoolLock
-from router.delivery import clean_temp_tasks, deliver_all, remove_sources
+from router.delivery import clean_temp_tasks, deliver_all, remove_delivered_markers, remove_sources
 from router.hooks import Checkpoint, Step, no_checkpoint
 from router.journal import (
     Journal,
@@ -284,6 +284,7 @@ class Router:
                 journal.journal_id,
             )
             return journal
+        remove_delivered_markers(series_dir)  # of a finished pass that was killed at its very end
         snapshot = take_snapshot(series_dir, now=time.time(), orphan_after=self._orphan_after())
         self.checkpoint(Step.SNAPSHOT_TAKEN, series_uid)
         if not snapshot.stems and not snapshot.orphans:

@@ -283,14 +283,6 @@ def test_router_killed_while_routing_then_restarted_delivers_everything(
         assert len(pipeline.router_events("lock_recovered")) == 1
 
 
-ROUTER_BUG_REDELIVERY = (
-    "router bug: a journal replay re-creates a task the dispatcher already moved out of "
-    "outgoing/ (delivery.deliver_task only checks outgoing/<task_id>): sent twice after "
-    "task_delivered, an empty task after sources_removed"
-)
-
-
-@pytest.mark.xfail(reason=ROUTER_BUG_REDELIVERY, strict=True)
 @pytest.mark.parametrize("step", ["task_delivered", "sources_removed"])
 def test_a_task_dispatched_while_the_router_was_down_is_not_routed_again(
     tmp_path: Path, receiver: ReceiverFactory, scp: StoreScp, pacs: Orthanc, step: str
