@@ -7,7 +7,8 @@ import logging
 
 from cleaner.service import CleanerService
 from common import exitcodes
-from common.config import CONFIG_ENV, load_config, resolve_config_path
+from common.config import load_config, resolve_config_path
+from common.entry import service_parser
 from common.errors import ConfigError
 from common.logs import setup_logging
 
@@ -15,18 +16,12 @@ logger = logging.getLogger(__name__)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="caduceus cleaner",
-        description="Deletes finished tasks after their retention (off-peak) and, when the disk "
+    return service_parser(
+        "cleaner",
+        "Deletes finished tasks after their retention (off-peak) and, when the disk "
         "passes the emergency threshold, the oldest until it is back under.",
+        "make one cleaning pass, then exit (70 on a failure)",
     )
-    parser.add_argument(
-        "--config", help=f"configuration file (default: ${CONFIG_ENV} or config/caduceus.json)"
-    )
-    parser.add_argument(
-        "--once", action="store_true", help="make one cleaning pass, then exit (70 on a failure)"
-    )
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

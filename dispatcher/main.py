@@ -9,7 +9,8 @@ import os
 from pynetdicom import _config as pynetdicom_config
 
 from common import exitcodes
-from common.config import CONFIG_ENV, load_config, resolve_config_path
+from common.config import load_config, resolve_config_path
+from common.entry import service_parser
 from common.errors import ConfigError, OutboxError
 from common.logs import setup_logging
 from dispatcher.events import DispatchEvents
@@ -19,19 +20,11 @@ logger = logging.getLogger(__name__)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="caduceus dispatcher",
-        description="Sends the task folders of outgoing/ to their targets (C-STORE, folder, ...).",
+    return service_parser(
+        "dispatcher",
+        "Sends the task folders of outgoing/ to their targets (C-STORE, folder, ...).",
+        "dispatch every task that is ready now, then exit",
     )
-    parser.add_argument(
-        "--config", help=f"configuration file (default: ${CONFIG_ENV} or config/caduceus.json)"
-    )
-    parser.add_argument(
-        "--once",
-        action="store_true",
-        help="dispatch every task that is ready now, then exit",
-    )
-    return parser
 
 
 def quiet_pynetdicom() -> None:

@@ -6,7 +6,8 @@ import argparse
 import logging
 
 from common import exitcodes
-from common.config import CONFIG_ENV, load_config, resolve_config_path
+from common.config import load_config, resolve_config_path
+from common.entry import service_parser
 from common.errors import ConfigError
 from common.logs import setup_logging
 from receiver.server import ReceiverServer
@@ -15,14 +16,11 @@ logger = logging.getLogger(__name__)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="caduceus receiver",
-        description="DICOM C-ECHO/C-STORE SCP writing every instance into the incoming spool.",
+    return service_parser(
+        "receiver",
+        "DICOM C-ECHO/C-STORE SCP writing every instance into the incoming spool.",
+        None,
     )
-    parser.add_argument(
-        "--config", help=f"configuration file (default: ${CONFIG_ENV} or config/caduceus.json)"
-    )
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,7 +7,8 @@ import logging
 import os
 
 from common import exitcodes
-from common.config import CONFIG_ENV, load_config, resolve_config_path
+from common.config import load_config, resolve_config_path
+from common.entry import service_parser
 from common.errors import CaduceusError, ConfigError
 from common.logs import setup_logging
 from router.hooks import checkpoint_from_env
@@ -17,19 +18,11 @@ logger = logging.getLogger(__name__)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="caduceus router",
-        description="Routes every complete series in incoming/ into tasks, by the rules.",
+    return service_parser(
+        "router",
+        "Routes every complete series in incoming/ into tasks, by the rules.",
+        "route every series that is complete now, then exit (70 if one failed)",
     )
-    parser.add_argument(
-        "--config", help=f"configuration file (default: ${CONFIG_ENV} or config/caduceus.json)"
-    )
-    parser.add_argument(
-        "--once",
-        action="store_true",
-        help="route every series that is complete now, then exit (70 if one failed)",
-    )
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,7 +6,8 @@ import argparse
 import logging
 
 from common import exitcodes
-from common.config import CONFIG_ENV, load_config, resolve_config_path
+from common.config import load_config, resolve_config_path
+from common.entry import service_parser
 from common.errors import ConfigError
 from common.logs import setup_logging
 from shipper.service import ShipperService
@@ -15,19 +16,11 @@ logger = logging.getLogger(__name__)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="caduceus shipper",
-        description="Ships every event outbox of this host (<state>/outbox) to the bookkeeper.",
+    return service_parser(
+        "shipper",
+        "Ships every event outbox of this host (<state>/outbox) to the bookkeeper.",
+        "ship every outbox until it is empty, then exit (69 when the bookkeeper failed)",
     )
-    parser.add_argument(
-        "--config", help=f"configuration file (default: ${CONFIG_ENV} or config/caduceus.json)"
-    )
-    parser.add_argument(
-        "--once",
-        action="store_true",
-        help="ship every outbox until it is empty, then exit (69 when the bookkeeper failed)",
-    )
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
