@@ -125,7 +125,7 @@ def free_port() -> int:
 
 
 def wait_until(
-    predicate: Callable[[], T], *, timeout: float, what: str, interval: float = 0.05
+    predicate: Callable[[], T], *, timeout: float = 20.0, what: str, interval: float = 0.05
 ) -> T:
     """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout

@@ -9,7 +9,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -19,20 +18,7 @@ import pytest
 from common.cli import SERVICES, is_implemented, main
 from common.config import CONFIG_ENV
 from common.exitcodes import EX_CONFIG, EX_OK, EX_UNAVAILABLE, EX_USAGE
-
-
-def wait_until(condition: Callable[[], object], timeout: float = 20.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what or condition}")
-        time.sleep(0.05)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from tests.helpers import free_port, wait_until
 
 
 def accepts_connections(port: int) -> bool:

@@ -19,6 +19,7 @@ import pytest
 
 from common.exitcodes import EX_CONFIG, EX_INTERRUPTED, EX_OK, EX_SOFTWARE
 from common.supervisor import ChildSpec, ChildStatus, RestartPolicy, Supervisor
+from tests.helpers import wait_until
 
 FAST = RestartPolicy(
     initial_delay=0.05, max_delay=0.4, stable_after=30, config_delay=60, stop_grace=5
@@ -40,14 +41,6 @@ signal.signal(signal.SIGTERM, signal.SIG_IGN)
 open(sys.argv[-1], "w").write("ready")
 time.sleep(60)
 """
-
-
-def wait_until(condition: Callable[[], object], timeout: float = 10.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what or condition}")
-        time.sleep(0.02)
 
 
 def holds_for(condition: Callable[[], object], duration: float) -> bool:
