@@ -19,15 +19,8 @@ from pynetdicom import build_context
 from common.config import DicomTarget, FolderTarget, Target
 from dispatcher import status
 from dispatcher.settings import DEFAULT_AE_TITLE, DispatcherSettings
-from dispatcher.targets.association import (
-    AssociationFailed,
-    Negotiation,
-    Peer,
-    PeerProblem,
-    open_association,
-    resolve_peer,
-    why_not_established,
-)
+from dispatcher.targets.association import Peer, PeerProblem, resolve_peer
+from dispatcher.targets.scu import AssociationLost, AssociationRefused, ScuAssociation
 
 DEFAULT_TIMEOUT = 10.0
 VERIFICATION = UID("1.2.840.10008.1.1")
@@ -84,36 +77,37 @@ test_target.__test__ = False  # type: ignore[attr-defined]  # not a pytest test
 
 
 def _echo(peer: Peer, settings: DispatcherSettings, started: float) -> EchoResult:
-    negotiation = Negotiation()
     context = build_context(VERIFICATION, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
     try:
-        assoc = open_association(peer, [context], settings, negotiation)
-    except AssociationFailed as exc:
+        assoc = ScuAssociation.request(peer, [context], settings)
+    except AssociationRefused as exc:
         return EchoResult(False, str(exc), elapsed_s=time.monotonic() - started)
-    if not assoc.is_established:
-        reason = why_not_established(assoc, peer, negotiation, settings.connection_timeout)
-        return EchoResult(False, reason, elapsed_s=time.monotonic() - started)
     try:
-        response = assoc.send_c_echo()
-    finally:
-        if assoc.is_established:
-            assoc.release()
-    elapsed = time.monotonic() - started
-    code = response.get("Status") if response is not None else None
-    if code is None:
-        return EchoResult(
-            False,
+        accepted = assoc.context_for(VERIFICATION, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+        if accepted is None:
+            return EchoResult(
+                False,
+                f"{peer} does not accept the Verification service",
+                elapsed_s=time.monotonic() - started,
+            )
+        code = assoc.echo(accepted).status
+        assoc.release()
+    except AssociationLost as exc:
+        message = (
             f"{peer} accepted the association but sent no C-ECHO response within "
-            f"{settings.dimse_timeout:g} s",
-            elapsed_s=elapsed,
+            f"{settings.dimse_timeout:g} s"
+            if exc.no_response
+            else f"C-ECHO to {peer} failed: {exc}"
         )
-    if int(code) != status.SUCCESS:
+        return EchoResult(False, message, elapsed_s=time.monotonic() - started)
+    finally:
+        assoc.close()
+    elapsed = time.monotonic() - started
+    if code != status.SUCCESS:
         return EchoResult(
-            False, f"C-ECHO to {peer} answered {status.describe(int(code))}", int(code), elapsed
+            False, f"C-ECHO to {peer} answered {status.describe(code)}", code, elapsed
         )
-    return EchoResult(
-        True, f"C-ECHO to {peer} succeeded in {elapsed * 1000:.0f} ms", int(code), elapsed
-    )
+    return EchoResult(True, f"C-ECHO to {peer} succeeded in {elapsed * 1000:.0f} ms", code, elapsed)
 
 
 def _check_folder(target: FolderTarget) -> EchoResult:

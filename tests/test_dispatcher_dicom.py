@@ -8,15 +8,15 @@ from pathlib import Path
 import pydicom
 import pytest
 from pydicom.uid import UID, ExplicitVRLittleEndian, JPEGLSLossless, RLELossless
-from pynetdicom.dimse_primitives import C_STORE
 
 from bookkeeper.payloads import KNOWN_KINDS
 from common.outbox import Event
 from dispatcher.events import DispatchEvents
 from dispatcher.service import DispatcherService
 from dispatcher.settings import DispatcherSettings
-from dispatcher.targets.association import Peer, open_association
+from dispatcher.targets.association import Peer
 from dispatcher.targets.dicom import read_dicom_file, requested_contexts
+from dispatcher.targets.scu import ScuAssociation
 from tests import dicom_factory
 from tests.dicom_factory import Instance
 from tests.dispatcher_helpers import (
@@ -146,16 +146,16 @@ def test_contexts_offer_each_stored_syntax_and_an_uncompressed_fallback(
     assert len(contexts) == 4
 
 
-def test_association_socket_has_tcp_nodelay(tmp_path: Path) -> None:
+def test_association_socket_has_tcp_nodelay_and_the_network_timeout(tmp_path: Path) -> None:
     with storescp(tmp_path / "scp") as peer:
         target = Peer(LOCALHOST, peer.port, "CADUCEUS", SCP_AET)
         files = [read_dicom_file(dicom_factory.ct_series(tmp_path / "ct", 1)[0].path)]
-        assoc = open_association(target, requested_contexts(files), DispatcherSettings())
+        assoc = ScuAssociation.request(target, requested_contexts(files), DispatcherSettings())
         try:
-            assert assoc.is_established
-            sock = assoc.dul.socket.socket
-            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
-            assert sock.gettimeout() == DispatcherSettings().network_timeout
+            assert assoc.established
+            assert assoc.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+            timeout = assoc.sock.gettimeout()  # never blocking without a bound
+            assert timeout is not None and 0 < timeout <= DispatcherSettings().network_timeout
         finally:
             assoc.release()
 
@@ -206,25 +206,3 @@ def test_series_arrives_at_orthanc_with_identical_pixel_data(
             assert got.PixelData == original.PixelData
             assert dataset_bytes(instance.path) in body
     assert sorted(p.name for p in (data_root / "success").iterdir()) == ["compressed", "ct"]
-
-
-def test_a_response_taken_by_pynetdicoms_reactor_goes_back_to_the_requestor(
-    tmp_path: Path,
-) -> None:
-    """The race workaround (dispatcher.targets.association.keep_responses_for_the_requestor):
-    a C-STORE response that the association's reactor thread takes off the DIMSE queue is
-    put back for ``send_c_store`` instead of being dropped as "unexpected"."""
-    with storescp(tmp_path / "scp") as peer:
-        files = [read_dicom_file(dicom_factory.ct_series(tmp_path / "ct", 1)[0].path)]
-        target = Peer(LOCALHOST, peer.port, "CADUCEUS", SCP_AET)
-        assoc = open_association(target, requested_contexts(files), DispatcherSettings())
-        try:
-            response = C_STORE()
-            response.MessageIDBeingRespondedTo = 7
-            response.AffectedSOPClassUID = dicom_factory.CT_IMAGE_STORAGE
-            response.AffectedSOPInstanceUID = files[0].sop_instance
-            response.Status = 0x0000
-            assoc._serve_request(response, 1)
-            assert assoc.dimse.get_msg(block=False) == (1, response)
-        finally:
-            assoc.release()

@@ -1,61 +1,51 @@
-"""DICOM targets: C-STORE SCU with pynetdicom, one association per task and target.
+"""DICOM targets: C-STORE SCU, one association per task and target.
 
 * **Transfer syntaxes.** For every SOP class of the task, one presentation context per transfer
   syntax the files are stored in (read from each file's meta header), plus one fallback
   context offering Explicit and Implicit VR Little Endian. A file whose own syntax was accepted
-  is sent as it is on disk, byte for byte, streamed from the file (pynetdicom's chunked mode);
+  is sent as it is on disk, byte for byte, streamed from the file after its meta header;
   otherwise it is converted (decompressed if needed) to the fallback syntax the peer accepted.
+* **The data path** is :class:`dispatcher.targets.scu.ScuAssociation`: pynetdicom's PDU classes
+  for the negotiation, then P-DATA-TF PDUs written straight on the socket in the calling thread.
 * **Bounded waits.** Every wait has a limit: TCP connect (``connection_timeout``), association
-  negotiation (``acse_timeout``), each C-STORE response (``dimse_timeout``), each socket send
-  and receive (``network_timeout``: pynetdicom leaves the socket of a requestor without a
-  timeout, so a peer that stops reading would block a send forever; the socket gets one on
-  ``EVT_CONN_OPEN``). A watchdog thread closes the connection when one C-STORE makes no
-  progress for longer than those limits allow, whatever pynetdicom is waiting on.
-* **Dead association.** When a C-STORE gets no response the association is aborted and the
-  attempt ends; the instances without a success or warning response are exactly the ones the
-  next attempt sends (``TargetResult.instances`` holds only answered instances).
-* **TCP_NODELAY** on the socket (pynetdicom does not set it): without it a small PDU (the
-  command set) waits for the previous segment's ACK (Nagle + delayed ACK, up to 40 ms).
-* **PDU size.** The dispatcher sends PDUs no larger than ``max_pdu`` even when the peer accepts
-  larger ones (see :data:`dispatcher.settings.MEASURED_MAX_PDU`).
+  negotiation and release (``acse_timeout``), each C-STORE response (``dimse_timeout``), each
+  socket send and receive (``network_timeout``).
+* **Dead association.** When a C-STORE gets no response (or the peer aborts, or the connection
+  breaks) the association is aborted and the attempt ends; the instances without a success or
+  warning response are exactly the ones the next attempt sends (``TargetResult.instances``
+  holds only answered instances).
+* **TCP_NODELAY** on the socket: without it a small PDU (the command set) waits for the
+  previous segment's ACK (Nagle + delayed ACK, up to 40 ms).
+* **PDU size.** PDUs are no larger than the peer accepts, nor than ``max_pdu`` (see
+  :data:`dispatcher.settings.MEASURED_MAX_PDU`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import struct
-import threading
-import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
 from pydicom import dcmread
-from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pydicom.filereader import read_file_meta_info
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import _config, build_context
-from pynetdicom.association import Association
+from pynetdicom import build_context
+from pynetdicom.dsutils import encode, split_dataset
 from pynetdicom.presentation import PresentationContext
 
 from common.config import DicomTarget
 from dispatcher import status
-from dispatcher.targets.association import (
-    WATCHDOG_GRACE,
-    AssociationFailed,
-    Negotiation,
-    Peer,
-    PeerProblem,
-    Watchdog,
-    close_leftover,
-    open_association,
-    resolve_peer,
-    why_not_established,
-)
+from dispatcher.targets.association import Peer, PeerProblem, resolve_peer
 from dispatcher.targets.base import TargetJob, TargetResult, task_files
+from dispatcher.targets.scu import (
+    AcceptedContext,
+    AssociationLost,
+    AssociationRefused,
+    FileReadError,
+    ScuAssociation,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +64,8 @@ class DicomFile:
     sop_instance: UID
     transfer_syntax: UID
     size: int
+    dataset_offset: int
+    """Where the data set starts: after the preamble, ``DICM`` and the meta header."""
 
 
 class FileProblem(Exception):
@@ -95,7 +87,7 @@ _META_READ: Final = 16384
 def read_dicom_file(path: Path) -> DicomFile:
     """Identify ``path`` from its File Meta Information; :class:`FileProblem` if it cannot."""
     try:
-        meta = _scan_meta(path) or _pydicom_meta(path)
+        meta, offset = _scan_meta(path) or _pydicom_meta(path)
         size = path.stat().st_size
     except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
         raise FileProblem(f"{path.name} is not a readable DICOM file: {exc}") from None
@@ -109,13 +101,14 @@ def read_dicom_file(path: Path) -> DicomFile:
         sop_instance=UID(meta["MediaStorageSOPInstanceUID"]),
         transfer_syntax=UID(meta["TransferSyntaxUID"]),
         size=size,
+        dataset_offset=offset,
     )
 
 
-def _scan_meta(path: Path) -> dict[str, str] | None:
-    """The three UIDs of the meta header, parsed directly (PS3.10 7.1: preamble, ``DICM``,
-    group 0002 in Explicit VR Little Endian). ValueError without the ``DICM`` prefix; None for
-    anything else unusual (then pydicom decides).
+def _scan_meta(path: Path) -> tuple[dict[str, str], int] | None:
+    """The three UIDs of the meta header and the offset of the data set, parsed directly
+    (PS3.10 7.1: preamble, ``DICM``, group 0002 in Explicit VR Little Endian). ValueError
+    without the ``DICM`` prefix; None for anything else unusual (then pydicom decides).
 
     pydicom's reader builds a whole Dataset per file, which was a tenth of the dispatcher's CPU
     time for a 300-instance series (py-spy); this reads one block and three values."""
@@ -128,7 +121,7 @@ def _scan_meta(path: Path) -> dict[str, str] | None:
     while offset + 8 <= len(head):
         group, element = struct.unpack_from("<HH", head, offset)
         if group != 0x0002:
-            return found
+            return found, offset
         vr = head[offset + 4 : offset + 6]
         if vr in _LONG_VRS:
             (length,) = struct.unpack_from("<I", head, offset + 8)
@@ -142,12 +135,13 @@ def _scan_meta(path: Path) -> dict[str, str] | None:
         if keyword is not None:
             found[keyword] = head[offset : offset + length].rstrip(b"\x00 ").decode("ascii")
         offset += length
-    return None
+    return (found, offset) if offset == len(head) and len(head) < _META_READ else None
 
 
-def _pydicom_meta(path: Path) -> dict[str, str]:
-    meta = read_file_meta_info(path)
-    return {keyword: str(meta[keyword].value) for keyword in _META_KEYS.values() if keyword in meta}
+def _pydicom_meta(path: Path) -> tuple[dict[str, str], int]:
+    meta, offset = split_dataset(path)
+    keywords = [keyword for keyword in _META_KEYS.values() if keyword in meta]
+    return {keyword: str(meta[keyword].value) for keyword in keywords}, offset
 
 
 def requested_contexts(files: list[DicomFile]) -> list[PresentationContext]:
@@ -163,38 +157,6 @@ def requested_contexts(files: list[DicomFile]) -> list[PresentationContext]:
     exact = [build_context(cls, [ts]) for cls, tss in syntaxes.items() for ts in tss]
     fallback = [build_context(cls, list(FALLBACK_SYNTAXES)) for cls in syntaxes]
     return (exact + fallback)[:MAX_CONTEXTS]
-
-
-# ---------------------------------------------------------------------------- raw sending
-
-
-class _RawSending:
-    """pynetdicom sends a file's data set bytes unchanged only in its global "chunked" mode;
-    it reads the flag at the start of ``send_c_store``. Reference-counted so that several
-    sending threads share it and the previous value comes back when the last one ends."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._users = 0
-        self._saved = False
-
-    @contextlib.contextmanager
-    def __call__(self) -> Iterator[None]:
-        with self._lock:
-            if self._users == 0:
-                self._saved = _config.STORE_SEND_CHUNKED_DATASET
-                _config.STORE_SEND_CHUNKED_DATASET = True
-            self._users += 1
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._users -= 1
-                if self._users == 0:
-                    _config.STORE_SEND_CHUNKED_DATASET = self._saved
-
-
-raw_file_sending = _RawSending()
 
 
 # ---------------------------------------------------------------------------- the handler
@@ -213,6 +175,12 @@ class _Attempt:
     lost: str | None = None
     """Why the association ended early."""
 
+    def count(self, item: DicomFile) -> None:
+        """``item``'s C-STORE request is about to go out."""
+        self.attempted.append(item.name)
+        self.result.sent += 1
+        self.result.bytes_sent += item.size
+
 
 class DicomHandler:
     """C-STORE of every ``*.dcm`` of the task folder to a :class:`DicomTarget`."""
@@ -227,101 +195,87 @@ class DicomHandler:
         attempt = _Attempt(pending=[item for item in files if item.name not in job.delivered])
         if not attempt.pending:
             return TargetResult(ok=True)
-        negotiation = Negotiation()
-        contexts = requested_contexts(attempt.pending)
         try:
-            assoc = open_association(peer, contexts, job.settings, negotiation)
-        except AssociationFailed as exc:
+            assoc = ScuAssociation.request(peer, requested_contexts(attempt.pending), job.settings)
+        except AssociationRefused as exc:
             return TargetResult(ok=False, message=str(exc))
-        if not assoc.is_established:
-            message = why_not_established(assoc, peer, negotiation, job.settings.connection_timeout)
-            close_leftover(assoc)
-            return TargetResult(ok=False, message=message)
-        limit = job.settings.dimse_timeout + job.settings.network_timeout + WATCHDOG_GRACE
-        with Watchdog(assoc, limit) as watchdog, raw_file_sending():
-            self._store_all(assoc, attempt, job, watchdog)
-            self._finish(assoc, watchdog)
+        try:
+            self._store_all(assoc, attempt, job)
+            if attempt.lost is None:
+                assoc.release()
+        except AssociationLost as exc:
+            attempt.lost = str(exc)
+        finally:
+            assoc.close()
         return self._summary(attempt, peer, job)
 
-    def _store_all(
-        self, assoc: Association, attempt: _Attempt, job: TargetJob, watchdog: Watchdog
-    ) -> None:
+    def _store_all(self, assoc: ScuAssociation, attempt: _Attempt, job: TargetJob) -> None:
         for item in attempt.pending:
             if job.cancel.is_set():
                 attempt.lost = "the dispatcher is stopping"
+                assoc.abort()
                 return
-            request = self._request_for(assoc, item, attempt)
-            if request is None:
-                continue
-            started = time.monotonic()
-            with watchdog.step(f"C-STORE of {item.name}"):
-                try:
-                    response = assoc.send_c_store(request)
-                except (RuntimeError, ValueError, AttributeError, OSError) as exc:
-                    response = None
-                    attempt.problems[item.name] = f"cannot send: {exc}"
-            attempt.attempted.append(item.name)
-            attempt.result.sent += 1
-            attempt.result.bytes_sent += item.size
-            code = response.get("Status") if response is not None else None
+            try:
+                code = self._store(assoc, item, attempt)
+            except AssociationLost as exc:
+                attempt.lost = self._lost_reason(item, exc, job)
+                return
             if code is not None:
-                attempt.result.instances[item.name] = int(code)
-            elif not assoc.is_established:
-                attempt.lost = self._lost_reason(item, watchdog, time.monotonic() - started, job)
-                return
+                attempt.result.instances[item.name] = code
 
-    @staticmethod
-    def _request_for(
-        assoc: Association, item: DicomFile, attempt: _Attempt
-    ) -> Path | Dataset | None:
-        """The file itself when its own syntax was accepted, else a converted data set."""
-        accepted = [cx for cx in assoc.accepted_contexts if cx.abstract_syntax == item.sop_class]
-        if any(cx.transfer_syntax[0] == item.transfer_syntax for cx in accepted):
-            return item.path
-        if not any(cx.transfer_syntax[0] in FALLBACK_SYNTAXES for cx in accepted):
+    def _store(self, assoc: ScuAssociation, item: DicomFile, attempt: _Attempt) -> int | None:
+        """Send one file: as it is when its own syntax was accepted, else converted to a
+        fallback syntax. The status of the response, or None (reason in ``problems``)."""
+        own = assoc.context_for(item.sop_class, [item.transfer_syntax])
+        if own is not None:
+            attempt.count(item)
+            try:
+                response = assoc.store_file(own, item.sop_instance, item.path, item.dataset_offset)
+            except FileReadError as exc:
+                attempt.problems[item.name] = str(exc)
+                return None
+            return response.status
+        fallback = assoc.context_for(item.sop_class, FALLBACK_SYNTAXES)
+        if fallback is None:
             attempt.problems[item.name] = (
                 f"the peer accepted no presentation context for {item.sop_class.name} "
                 f"({item.transfer_syntax.name} or uncompressed)"
             )
             return None
+        data = self._converted(item, fallback, attempt)
+        if data is None:
+            return None
+        attempt.count(item)
+        return assoc.store_bytes(fallback, item.sop_instance, data).status
+
+    @staticmethod
+    def _converted(item: DicomFile, context: AcceptedContext, attempt: _Attempt) -> bytes | None:
+        """The data set of ``item`` decompressed and encoded in ``context``'s syntax."""
         try:
             ds = dcmread(item.path)
             if ds.file_meta.TransferSyntaxUID.is_compressed:
                 ds.decompress(generate_instance_uid=False)
+            data = encode(ds, context.transfer_syntax.is_implicit_VR, True)
         except Exception as exc:  # pydicom raises many kinds for one failure
             attempt.problems[item.name] = (
                 f"the peer refused {item.transfer_syntax.name} and the file cannot be "
                 f"decompressed here: {exc}"
             )
             return None
-        return ds
+        if data is None:
+            attempt.problems[item.name] = (
+                f"{item.name} cannot be encoded in {context.transfer_syntax.name}"
+            )
+        return data
 
     @staticmethod
-    def _lost_reason(item: DicomFile, watchdog: Watchdog, waited: float, job: TargetJob) -> str:
-        if watchdog.fired:
-            return (
-                f"no progress for {watchdog.limit:.0f} s during the {watchdog.fired}: "
-                "connection closed"
-            )
-        if waited >= job.settings.dimse_timeout * 0.95:
+    def _lost_reason(item: DicomFile, exc: AssociationLost, job: TargetJob) -> str:
+        if exc.no_response:
             return (
                 f"no C-STORE response for {item.name} within {job.settings.dimse_timeout:g} s "
                 "(dimse timeout): association aborted"
             )
-        return (
-            f"the association ended while sending {item.name} "
-            "(aborted by the peer, or the connection was lost)"
-        )
-
-    @staticmethod
-    def _finish(assoc: Association, watchdog: Watchdog) -> None:
-        if assoc.is_established:
-            with watchdog.step("A-RELEASE"):
-                assoc.release()
-        if not assoc.is_released and not assoc.is_aborted:
-            with contextlib.suppress(Exception):  # best effort on a broken association
-                assoc.abort()
-        close_leftover(assoc)
+        return f"the association ended while sending {item.name}: {exc}"
 
     @staticmethod
     def _summary(attempt: _Attempt, peer: Peer, job: TargetJob) -> TargetResult:
