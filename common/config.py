@@ -392,7 +392,14 @@ class Module(_Model):
     requires_root: OptBool = False
     requires_persistence: OptBool = False
     persistence_folder_name: OptStr = ""
-    network_enabled: bool = True
+    network_enabled: bool = False
+    """mercure's model defaults to True, but its GUI writes the field for every module and ticks
+    it only on request; Caduceus gives a module network only when the field says so."""
+    # Caduceus additions
+    timeout: Annotated[float, Field(gt=0)] | None = None
+    """Seconds the module may run per step before it is killed; None: ``processing_timeout``."""
+    retries: Annotated[int, Field(ge=0, le=100)] = 0
+    """Automatic new attempts after the module failed (exit code, timeout, bad output)."""
 
     ignored_settings = frozenset({"constraints", "resources"})
 
@@ -497,6 +504,19 @@ class Config(_Model):
     dispatcher_acse_timeout: float | None = None
     dispatcher_dimse_timeout: float | None = None
     dispatcher_network_timeout: float | None = None
+    processing_max_parallel: int | None = None
+    """Caduceus processor settings: None means the processor's default; the processor validates
+    them (``processor/settings.py``, documented in docs/processor.md)."""
+    processing_timeout: float | None = None
+    processing_memory_limit: str | None = None
+    processing_cpus: float | None = None
+    processing_pids_limit: int | None = None
+    processing_user: str | None = None
+    processing_volume_roots: list[str] | None = None
+    processing_pull_images: bool | None = None
+    processing_retry_delay: float | None = None
+    processing_retry_max: int | None = None
+    docker_url: str | None = None
     error_retention: Seconds = 0
     """Caduceus: seconds a task stays in ``error/`` before the cleaner deletes it; 0 = forever."""
     emergency_clean_error: bool = False

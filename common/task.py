@@ -164,6 +164,12 @@ class TaskInfo(_TaskModel):
     """Why the task failed, for the GUI (with ``fail_stage``)."""
     created_at: Timestamp | None = None
     """When the router created the task."""
+    process_failures: int = Field(default=0, ge=0)
+    """Processing attempts that failed through the module (exit code, timeout, bad output)."""
+    process_engine_failures: int = Field(default=0, ge=0)
+    """Processing attempts that failed outside the module (engine unreachable, API error)."""
+    process_next_retry_at: Timestamp | None = None
+    """Not before this time is the processing tried again."""
 
 
 class TaskDispatchStatus(_TaskModel):

@@ -81,7 +81,14 @@ MERCURE_TASK: dict[str, Any] = {
     "nomad_info": None,
 }
 
-CADUCEUS_INFO_FIELDS: dict[str, Any] = {"fail_reason": None, "created_at": None}
+CADUCEUS_INFO_FIELDS: dict[str, Any] = {
+    "fail_reason": None,
+    "created_at": None,
+    "process_failures": 0,
+    "process_engine_failures": 0,
+    "process_next_retry_at": None,
+}
+CADUCEUS_MODULE_FIELDS: dict[str, Any] = {"timeout": None, "retries": 0}
 CADUCEUS_STATUS_FIELDS: dict[str, Any] = {"attempts": 0, "last_error": None, "instances": {}}
 
 
@@ -106,6 +113,7 @@ def test_illustrative_mercure_task_round_trips(local_time_utc_plus_2: None) -> N
     expected = mercure_task()
     expected["info"].update(CADUCEUS_INFO_FIELDS)
     expected["dispatch"]["status"]["pacs"].update(CADUCEUS_STATUS_FIELDS)
+    expected["process"]["module_config"].update(CADUCEUS_MODULE_FIELDS)
     # mercure's naive local time, written back as ISO 8601 UTC
     expected["dispatch"]["status"]["pacs"]["time"] = "2025-05-01T08:15:02.000Z"
     assert written == expected
