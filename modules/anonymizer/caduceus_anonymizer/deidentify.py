@@ -175,7 +175,8 @@ class Deidentifier:
         action, column = rule.action(self._chosen)
         elem = ds[tag]
         if action is Action.REMOVE_OR_EMPTY_OR_UID:
-            action = Action.UID if elem.VR == "UI" else Action.EMPTY
+            vr = elem.VR
+            action = {"UI": Action.UID, "SQ": Action.KEEP}.get(vr, Action.EMPTY)
         self._apply(ds, elem, action, column, patient)
 
     def _apply(

@@ -4,7 +4,9 @@ When several chosen options have an entry for an attribute, the one that keeps m
 over the others (PS3.15 E.3: an option retains information the Basic Profile would remove). The
 combined actions of the Basic Profile are resolved towards IOD conformance, because which type an
 attribute has in the object's IOD is not known here: X/Z -> Z, X/D -> D, Z/D -> D, X/Z/D -> D and
-X/Z/U* -> U for a UID (VR UI), Z otherwise. Resolving never keeps information: Z and D carry none.
+X/Z/U* -> U for a UID (VR UI), the sequence with its contained UIDs replaced for a sequence
+(Referenced Image Sequence and the like: their items are de-identified like any other dataset), Z
+otherwise. Resolving never keeps information: Z and D carry none.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ class Action(StrEnum):
     DUMMY = "D"
     UID = "U"
     CLEAN = "C"
-    REMOVE_OR_EMPTY_OR_UID = "X/Z/U*"  # U for a UI attribute, Z otherwise
+    REMOVE_OR_EMPTY_OR_UID = "X/Z/U*"  # U for a UI attribute, K (recursing) for a sequence, else Z
 
 
 class Column(StrEnum):
