@@ -39,7 +39,6 @@ from bench import data, procs, sender
 from bench.peers import REPO, Caduceus, Peer, StoreScp
 from common.config import parse_config
 from common.logs import setup_logging
-from dispatcher.main import quiet_pynetdicom
 from dispatcher.service import DispatcherService
 from dispatcher.settings import MEASURED_MAX_PDU
 
@@ -291,7 +290,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     setup_logging("bench")
-    quiet_pynetdicom()  # as python -m dispatcher does
     result = bench_dispatch(
         OUT / "work" / "dispatch",
         quick=args.quick,

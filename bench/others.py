@@ -15,7 +15,6 @@ from bench.dispatch_bench import bench_dispatch
 from bench.dispatch_bench import report_markdown as dispatch_markdown
 from bench.pipeline_bench import bench_pipeline
 from bench.router_bench import bench_router_tick
-from dispatcher.main import quiet_pynetdicom
 
 ROUTER_TICK_TARGET_S = 1.0
 
@@ -57,7 +56,6 @@ def router_section(work: Path, quick: bool, command: str) -> str:
 
 
 def dispatch_section(work: Path, quick: bool, command: str) -> str:
-    quiet_pynetdicom()
     result = bench_dispatch(work / "dispatch", quick=quick)
     return _stamp(command) + "\n\n" + dispatch_markdown(result)
 

@@ -11,6 +11,8 @@ import json
 import os
 import shutil
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -22,11 +24,14 @@ from typing import Any
 import pydicom
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
 from pynetdicom.sop_class import Verification
 
 from common.config import Config, parse_config
 from common.outbox import Event
 from common.task import Task, TaskDispatch, TaskInfo, read_task, write_task
+from receiver.negotiation import negotiate
+from receiver.pdu import Connection, ProtocolError
 from tests.dicom_factory import Instance, dataset_offset
 from tests.helpers import (
     API_KEY,
@@ -261,12 +266,18 @@ def storescp(folder: Path, **kwargs: Any) -> Iterator[StoreScp]:
 # ---------------------------------------------------------------------------- a pynetdicom SCP
 
 
+ABORT = -1
+"""``ScpPeer.answer`` value: abort the association instead of answering."""
+
+
 @dataclass
 class ScpPeer:
-    """A Storage SCP we own: ``answer(n)`` gives the status of the n-th C-STORE (1-based) or
-    None to block (never answer) until the test ends."""
+    """A Storage SCP we own: ``answer(n)`` gives the status of the n-th C-STORE (1-based),
+    None to block (never answer) until the test ends, or :data:`ABORT` to send an A-ABORT."""
 
     answer: Callable[[int], int | None] = lambda _n: 0x0000
+    max_pdu: int = 16382
+    """The Maximum Length it advertises (0: unlimited)."""
     port: int = 0
     received: list[str] = field(default_factory=list)
     """SOP Instance UIDs of every C-STORE request, in order (also the unanswered ones)."""
@@ -285,6 +296,7 @@ class ScpPeer:
                 context.abstract_syntax, [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
             )
         ae.add_supported_context(Verification)
+        ae.maximum_pdu_size = self.max_pdu
         self.port = self.port or free_port()
         handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_ACCEPTED, self._on_accepted)]
         self._server = ae.start_server((LOCALHOST, self.port), block=False, evt_handlers=handlers)
@@ -302,6 +314,9 @@ class ScpPeer:
             self.received.append(str(event.request.AffectedSOPInstanceUID))
             number = len(self.received)
         code = self.answer(number)
+        if code == ABORT:
+            event.assoc.abort()
+            return 0xA700  # never sent: the association is gone
         if code is None:
             self.release.wait(120)  # "never" answer; the test releases us at its end
             return 0xA700
@@ -315,9 +330,142 @@ class ScpPeer:
 
 
 @contextlib.contextmanager
-def scp_peer(answer: Callable[[int], int | None] = lambda _n: 0) -> Iterator[ScpPeer]:
-    peer = ScpPeer(answer=answer).start()
+def scp_peer(
+    answer: Callable[[int], int | None] = lambda _n: 0, *, max_pdu: int = 16382
+) -> Iterator[ScpPeer]:
+    peer = ScpPeer(answer=answer, max_pdu=max_pdu).start()
     try:
         yield peer
     finally:
         peer.stop()
+
+
+# ---------------------------------------------------------------------------- raw TCP peers
+
+
+class PduRelay:
+    """A TCP relay in front of a peer that records every PDU the requestor sends through it,
+    as (PDU type, length of the variable field) — to check PDU sizes and aborts."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.pdus: list[tuple[int, int]] = []
+        self._listener = socket.create_server((LOCALHOST, 0))
+        self.port = int(self._listener.getsockname()[1])
+        self._threads: list[threading.Thread] = []
+        self._sockets: list[socket.socket] = [self._listener]
+        self._spawn(self._accept)
+
+    def _spawn(self, target: Callable[..., None], *args: Any) -> None:
+        thread = threading.Thread(target=target, args=args, daemon=True)
+        self._threads.append(thread)
+        thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection((LOCALHOST, self.upstream_port), timeout=10)
+            upstream.settimeout(None)
+            self._sockets += [client, upstream]
+            self._spawn(self._pump, client, upstream, True)
+            self._spawn(self._pump, upstream, client, False)
+
+    def _pump(self, source: socket.socket, sink: socket.socket, record: bool) -> None:
+        pending, skip = b"", 0
+        with contextlib.suppress(OSError):
+            while chunk := source.recv(1 << 16):
+                if record:
+                    pending, skip = self._record(pending + chunk, skip)
+                sink.sendall(chunk)
+        with contextlib.suppress(OSError):
+            sink.shutdown(socket.SHUT_WR)
+
+    def _record(self, data: bytes, skip: int) -> tuple[bytes, int]:
+        """Record the PDU headers in ``data``, ``skip`` bytes into the current PDU's body;
+        return an unfinished header and the bytes of body still to skip."""
+        while True:
+            taken = min(skip, len(data))
+            data, skip = data[taken:], skip - taken
+            if len(data) < 6:
+                return data, skip
+            pdu_type, length = struct.unpack(">BxI", data[:6])
+            self.pdus.append((pdu_type, length))
+            data, skip = data[6:], length
+
+    def p_data_lengths(self) -> list[int]:
+        return [length for pdu_type, length in self.pdus if pdu_type == 0x04]
+
+    def close(self) -> None:
+        for sock in self._sockets:
+            with contextlib.suppress(OSError):
+                sock.close()
+
+
+@contextlib.contextmanager
+def pdu_relay(upstream_port: int) -> Iterator[PduRelay]:
+    relay = PduRelay(upstream_port)
+    try:
+        yield relay
+    finally:
+        relay.close()
+
+
+class SilentPeer:
+    """A TCP peer that misbehaves on purpose: ``"no-answer"`` accepts connections and never
+    answers the A-ASSOCIATE-RQ; ``"stop-reading"`` accepts the association (every context,
+    as the receiver negotiates) and then never reads again."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+        self._listener = socket.create_server((LOCALHOST, 0))
+        # A small receive window, so that a peer that stops reading blocks the sender soon.
+        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        self.port = int(self._listener.getsockname()[1])
+        self.connections: list[socket.socket] = []
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                sock, _ = self._listener.accept()
+            except OSError:
+                return
+            self.connections.append(sock)
+            if self.mode == "stop-reading":
+                with contextlib.suppress(OSError, ProtocolError):
+                    _accept_association(sock)
+
+    def close(self) -> None:
+        for sock in [self._listener, *self.connections]:
+            with contextlib.suppress(OSError):
+                sock.close()
+
+
+def _accept_association(sock: socket.socket) -> None:
+    conn = Connection(sock)
+    _pdu_type, length = conn.read_pdu_header()
+    rq = conn.read_associate_rq(length)
+    negotiated = negotiate(rq.presentation_context_definition_list, accept_compressed=True)
+    ac = A_ASSOCIATE()
+    ac.application_context_name = rq.application_context_name
+    ac.calling_ae_title = rq.calling_ae_title
+    ac.called_ae_title = rq.called_ae_title
+    ac.result = 0
+    ac.presentation_context_definition_results_list = negotiated.results
+    max_length = MaximumLengthNotification()
+    max_length.maximum_length_received = 16384
+    ac.user_information = [max_length]
+    conn.send_associate_ac(ac)
+
+
+@contextlib.contextmanager
+def silent_peer(mode: str) -> Iterator[SilentPeer]:
+    peer = SilentPeer(mode)
+    try:
+        yield peer
+    finally:
+        peer.close()

@@ -168,6 +168,7 @@ class ScuAssociation:
                 self.peer_max_pdu = int(item.maximum_length_received or 0)
         limits = [size for size in (self.peer_max_pdu, self.settings.max_pdu) if size > 0]
         self.max_fragment = (min(limits) if limits else UNLIMITED_PDU) - PDV_OVERHEAD
+        self.max_fragment -= self.max_fragment % 2  # fragments have even lengths (see _send)
         self._buffer = bytearray(_P_DATA_HEADER_SIZE + min(self.max_fragment, STREAM_CHUNK))
         self.established = True
 
@@ -297,6 +298,11 @@ class ScuAssociation:
     ) -> None:
         """The command set, then (with ``source``) ``size`` bytes of data set, as P-DATA-TF
         PDUs. Any failure aborts the association: a half-sent message cannot be taken back."""
+        if source is not None and size % 2:
+            # PDV fragments have even lengths (DCMTK aborts on an odd one). Only a deflated data
+            # set can be odd; PS3.5 A.5 pads it with one trailing NULL byte, as pydicom does in
+            # files (DCMTK's dcmconv +td does not).
+            source, size = _Padded(source), size + 1
         try:
             self._send_command(context_id, command, more=source is not None)
             if source is not None:
@@ -428,6 +434,22 @@ class ScuAssociation:
 
 class _Source(Protocol):
     def readinto(self, buffer: memoryview, /) -> int | None: ...
+
+
+class _Padded:
+    """``source`` followed by one NULL byte."""
+
+    def __init__(self, source: _Source) -> None:
+        self._source = source
+        self._padded = False
+
+    def readinto(self, buffer: memoryview, /) -> int | None:
+        count = self._source.readinto(buffer)
+        if count or self._padded:
+            return count
+        self._padded = True
+        buffer[0] = 0
+        return 1
 
 
 class _SourceFailed(Exception):
