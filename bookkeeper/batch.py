@@ -8,12 +8,15 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final
 
-from sqlalchemy import Connection
+from sqlalchemy import Connection, Table, TableClause, select, true
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import DeclarativeBase
 
+from bookkeeper import bulk
 from bookkeeper.models import HourlyStat
 
+IN_CHUNK: Final = 500
+"""Values per ``IN (...)`` list when rows are read or locked by key."""
 TASK_FIELDS: Final = ("parent_id", "series_uid", "study_uid", "rule", "target", "status", "data")
 """The task columns a ``task_update`` sets."""
 
@@ -27,6 +30,24 @@ def dialect_insert(conn: Connection, model: type[DeclarativeBase]) -> Any:
     """The dialect's INSERT (with ON CONFLICT support) for ``model``."""
     dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
     return dialect.insert(model)
+
+
+def table_of(model: type[DeclarativeBase]) -> Table:
+    table = model.__table__
+    assert isinstance(table, Table)
+    return table
+
+
+def insert_staged(conn: Connection, model: type[DeclarativeBase], staged: TableClause) -> Any:
+    """``INSERT INTO <model> SELECT <staged rows, in their order>``, to add ``ON CONFLICT`` to.
+
+    (``WHERE true`` is what SQLite needs to parse an upsert whose rows come from a SELECT.)
+    """
+    columns = [c.name for c in staged.columns if c.name != bulk.ORDINAL]
+    rows = (
+        select(*(staged.c[name] for name in columns)).where(true()).order_by(staged.c[bulk.ORDINAL])
+    )
+    return dialect_insert(conn, model).from_select(columns, rows)
 
 
 def chunks(items: Sequence[str], size: int) -> Iterator[Sequence[str]]:
@@ -67,13 +88,13 @@ class Batch:
     conn: Connection
     stats: Counter[tuple[datetime, str, str]] = field(default_factory=Counter)
     tasks: dict[str, TaskState] = field(default_factory=dict)
+    series_created: set[str] = field(default_factory=set)
 
     def count(self, time: datetime, metric: str, key: str = "", value: int = 1) -> None:
         self.stats[hour_of(time), metric, key] += value
 
     def insert_rows(self, model: type[DeclarativeBase], rows: list[dict[str, Any]]) -> None:
-        if rows:
-            self.conn.execute(dialect_insert(self.conn, model), rows)
+        bulk.append(self.conn, table_of(model), rows)
 
 
 def write_stats(batch: Batch) -> None:

@@ -44,7 +44,7 @@ def create_db_engine(url: str | URL) -> Engine:
         engine = create_engine(
             url,
             connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S, "check_same_thread": False},
-            json_serializer=_to_json,
+            json_serializer=to_json,
         )
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
@@ -61,11 +61,11 @@ def create_db_engine(url: str | URL) -> Engine:
         pool_size=8,
         max_overflow=8,
         connect_args=connect_args,
-        json_serializer=_to_json,
+        json_serializer=to_json,
     )
 
 
-def _to_json(value: Any) -> str:
+def to_json(value: Any) -> str:
     """JSON columns as compact UTF-8 text (not ``\\u`` escapes); NaN was refused on input."""
     return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
 

@@ -21,7 +21,9 @@ from typing import Any
 
 from sqlalchemy import Connection
 
-from bookkeeper.batch import Batch, dialect_insert, write_stats
+from bookkeeper import bulk
+from bookkeeper.batch import Batch, insert_staged, table_of, write_stats
+from bookkeeper.db import to_json
 from bookkeeper.models import (
     ERROR_SEVERITIES,
     AuditEvent,
@@ -33,6 +35,7 @@ from bookkeeper.models import (
 )
 from bookkeeper.payloads import (
     AuditEventPayload,
+    CheckedPayload,
     ConfigVersionPayload,
     Envelope,
     IngestResult,
@@ -68,18 +71,19 @@ def ingest(
             "kind": events[number].kind,
             "time": events[number].time,
             "stored_at": stored_at,
-            "payload": events[number].payload,
+            "payload": _json_text(events[number].payload),
         }
         for number in first.values()
     ]
     new_ids: set[str] = set()
     if rows:
+        staged = bulk.stage(conn, table_of(EventRecord), rows)
         statement = (
-            dialect_insert(conn, EventRecord)
+            insert_staged(conn, EventRecord, staged)
             .on_conflict_do_nothing(index_elements=["event_id"])
             .returning(EventRecord.event_id)
         )
-        new_ids = set(conn.execute(statement, rows).scalars())
+        new_ids = set(conn.execute(statement).scalars())
     new = [
         (events[number], payloads[number])
         for number in sorted(first.values())
@@ -93,13 +97,14 @@ def _project(batch: Batch, new: list[tuple[Envelope, _Payload]]) -> None:
     def of(kind: type[_Payload]) -> list[tuple[Envelope, Any]]:
         return [(event, payload) for event, payload in new if isinstance(payload, kind)]
 
-    project_series_received(batch, of(SeriesReceived))
     task_events = of(TaskEventPayload)
     logs = of(ModuleLogPayload)
     outputs = of(ModuleOutputPayload)
     project_tasks(
         batch, of(TaskUpdate), [(e, p.task_id) for e, p in [*task_events, *logs, *outputs]]
     )
+    # After the tasks: a new series is created with the status they give it.
+    project_series_received(batch, of(SeriesReceived))
     project_task_events(batch, task_events)
     batch.insert_rows(
         ModuleLog,
@@ -161,6 +166,13 @@ def _project(batch: Batch, new: list[tuple[Envelope, _Payload]]) -> None:
     )
     project_series_status(batch)
     write_stats(batch)
+
+
+def _json_text(payload: dict[str, Any]) -> bulk.JsonText:
+    """The payload's JSON, serialised when it was checked (:class:`CheckedPayload`)."""
+    if isinstance(payload, CheckedPayload):
+        return bulk.JsonText(payload.json_text)
+    return bulk.JsonText(to_json(payload))
 
 
 def content_hash(content: dict[str, Any]) -> str:

@@ -29,6 +29,8 @@ from pydantic import (
     model_validator,
 )
 
+from bookkeeper.db import to_json
+
 MAX_INT64: Final = 2**63 - 1
 MAX_INT32: Final = 2**31 - 1
 MAX_DEPTH: Final = 64
@@ -111,11 +113,35 @@ def check_json(value: Any, path: str = "payload", depth: int = 0) -> str | None:
     return problem
 
 
+class CheckedPayload(dict[str, Any]):
+    """A payload found storable, with its JSON text (``json_text``), so that it is serialised
+    once: the ingest stores that text as it is."""
+
+    __slots__ = ("json_text",)
+    json_text: str
+
+
 def _storable(value: dict[str, Any]) -> dict[str, Any]:
-    problem = check_json(value)
-    if problem:
-        raise ValueError(problem)
-    return value
+    """``value`` as a :class:`CheckedPayload`, or ValueError naming the first problem.
+
+    Serialising is the quick check: ``allow_nan=False`` refuses non-finite numbers, a NUL is
+    escaped as ``\\u0000`` (in keys too), and a text with at most ``MAX_DEPTH`` brackets
+    cannot nest deeper. Only a suspect payload is walked by :func:`check_json`, which also
+    finds the place to name (and clears the false alarms: a ``\\u0000`` written literally,
+    brackets inside strings).
+    """
+    try:
+        text: str | None = to_json(value)
+    except ValueError:
+        text = None
+    if text is None or "\\u0000" in text or text.count("{") + text.count("[") > MAX_DEPTH:
+        problem = check_json(value)
+        if problem:
+            raise ValueError(problem)
+        text = text or to_json(value)
+    payload = CheckedPayload(value)
+    payload.json_text = text
+    return payload
 
 
 # ---------------------------------------------------------------------------- the envelope

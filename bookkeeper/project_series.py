@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any, Final
 
-from sqlalchemy import bindparam, case, update
+from sqlalchemy import case, select, update
 
-from bookkeeper.batch import Batch, dialect_insert
+from bookkeeper import bulk
+from bookkeeper.batch import IN_CHUNK, Batch, chunks, insert_staged, table_of
 from bookkeeper.models import Series, SeriesReception
 from bookkeeper.payloads import Envelope, SeriesReceived
 
@@ -55,6 +57,9 @@ def _tag_values(tags: dict[str, Any]) -> dict[str, str | None]:
 
 
 def project_series_received(batch: Batch, received: list[tuple[Envelope, SeriesReceived]]) -> None:
+    """Create the series first received in this batch, add to the others, and record every
+    reception. Call it after :func:`bookkeeper.project_tasks.project_tasks`: a new series is
+    created with the status its tasks give it in this batch."""
     if not received:
         return
     by_series: dict[str, list[tuple[Envelope, SeriesReceived]]] = {}
@@ -63,32 +68,33 @@ def project_series_received(batch: Batch, received: list[tuple[Envelope, SeriesR
         batch.count(event.time, "instances", value=payload.count)
 
     created = _create_series(batch, by_series)
-    existing = [
+    existing: list[dict[str, Any]] = [
         {
-            "b_uid": uid,
-            "b_count": sum(p.count for _, p in items),
-            "b_first": items[0][0].time,
-            "b_last": items[-1][0].time,
+            "series_uid": uid,
+            "instance_count": sum(p.count for _, p in items),
+            "first_received_at": items[0][0].time,
+            "last_received_at": items[-1][0].time,
         }
         for uid, items in sorted(by_series.items())
         if uid not in created
     ]
     if existing:
+        _lock_series(batch, [row["series_uid"] for row in existing])
+        new = bulk.stage(batch.conn, table_of(Series), existing, "series_received")
         batch.conn.execute(
             update(Series)
-            .where(Series.series_uid == bindparam("b_uid"))
+            .where(Series.series_uid == new.c.series_uid)
             .values(
-                instance_count=Series.instance_count + bindparam("b_count"),
+                instance_count=Series.instance_count + new.c.instance_count,
                 first_received_at=case(
-                    (Series.first_received_at > bindparam("b_first"), bindparam("b_first")),
+                    (Series.first_received_at > new.c.first_received_at, new.c.first_received_at),
                     else_=Series.first_received_at,
                 ),
                 last_received_at=case(
-                    (Series.last_received_at < bindparam("b_last"), bindparam("b_last")),
+                    (Series.last_received_at < new.c.last_received_at, new.c.last_received_at),
                     else_=Series.last_received_at,
                 ),
-            ),
-            existing,
+            )
         )
     batch.insert_rows(
         SeriesReception,
@@ -109,14 +115,37 @@ def project_series_received(batch: Batch, received: list[tuple[Envelope, SeriesR
     )
 
 
+def _lock_series(batch: Batch, uids: list[str]) -> None:
+    """Lock the rows of ``uids`` in sorted order before an ``UPDATE ... FROM`` changes them,
+    so that two batches that share series wait for each other instead of deadlocking (the
+    update itself locks in whatever order its join finds the rows). SQLite has one writer."""
+    if batch.conn.dialect.name != "postgresql":
+        return
+    for chunk in chunks(sorted(uids), IN_CHUNK):
+        batch.conn.execute(
+            select(Series.id)
+            .where(Series.series_uid.in_(chunk))
+            .order_by(Series.series_uid)
+            .with_for_update()
+        ).all()
+
+
 def _create_series(
     batch: Batch, by_series: dict[str, list[tuple[Envelope, SeriesReceived]]]
 ) -> set[str]:
-    """Insert the series not stored yet; return the UIDs this call created."""
+    """Insert the series not stored yet; return the UIDs this call created.
+
+    A series that a top-level task of this batch gave a newer status is created with that
+    status; :func:`project_series_status` then leaves it alone.
+    """
+    statuses = _new_statuses(batch)
     rows = []
     for uid, items in sorted(by_series.items()):
         event, first = items[0]
         tags = _tag_values(first.tags)
+        status, status_at = "received", event.time
+        if uid in statuses and statuses[uid][1] >= event.time:
+            status, status_at = statuses[uid]
         rows.append(
             {
                 "series_uid": uid,
@@ -129,33 +158,48 @@ def _create_series(
                 "first_received_at": event.time,
                 "last_received_at": items[-1][0].time,
                 "instance_count": sum(p.count for _, p in items),
-                "status": "received",
-                "status_at": event.time,
+                "status": status,
+                "status_at": status_at,
                 "tags": first.tags,
             }
         )
+    staged = bulk.stage(batch.conn, table_of(Series), rows)
     statement = (
-        dialect_insert(batch.conn, Series)
+        insert_staged(batch.conn, Series, staged)
         .on_conflict_do_nothing(index_elements=["series_uid"])
         .returning(Series.series_uid)
     )
-    created = set(batch.conn.execute(statement, rows).scalars())
+    created = set(batch.conn.execute(statement).scalars())
     for uid in created:
         batch.count(by_series[uid][0][0].time, "series")
+    batch.series_created |= created
     return created
+
+
+def _new_statuses(batch: Batch) -> dict[str, tuple[str, datetime]]:
+    """Series UID -> (status, time) of the newest status change of its top-level tasks."""
+    newest: dict[str, tuple[str, datetime]] = {}
+    for task in batch.tasks.values():
+        if task.status_changed and task.parent_id is None and task.series_uid and task.status:
+            known = newest.get(task.series_uid)
+            if known is None or known[1] <= task.updated_at:
+                newest[task.series_uid] = (task.status, task.updated_at)
+    return newest
 
 
 def project_series_status(batch: Batch) -> None:
     """A top-level task's status is its series' status (unless a newer one is stored)."""
-    rows = [
-        {"b_uid": task.series_uid, "b_status": task.status, "b_at": task.updated_at}
-        for task in batch.tasks.values()
-        if task.status_changed and task.parent_id is None and task.series_uid and task.status
+    rows: list[dict[str, Any]] = [
+        {"series_uid": uid, "status": status, "status_at": at}
+        for uid, (status, at) in sorted(_new_statuses(batch).items())
+        if uid not in batch.series_created
     ]
-    if rows:
-        batch.conn.execute(
-            update(Series)
-            .where(Series.series_uid == bindparam("b_uid"), Series.status_at <= bindparam("b_at"))
-            .values(status=bindparam("b_status"), status_at=bindparam("b_at")),
-            sorted(rows, key=lambda row: str(row["b_uid"])),
-        )
+    if not rows:
+        return
+    _lock_series(batch, [row["series_uid"] for row in rows])
+    new = bulk.stage(batch.conn, table_of(Series), rows, "series_status")
+    batch.conn.execute(
+        update(Series)
+        .where(Series.series_uid == new.c.series_uid, Series.status_at <= new.c.status_at)
+        .values(status=new.c.status, status_at=new.c.status_at)
+    )

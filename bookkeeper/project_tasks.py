@@ -5,15 +5,22 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any, Final
 
-from sqlalchemy import Connection, case, func, select
+from sqlalchemy import Connection, TableClause, case, func, select
 
-from bookkeeper.batch import TASK_FIELDS, Batch, TaskState, chunks, dialect_insert
+from bookkeeper import bulk
+from bookkeeper.batch import (
+    IN_CHUNK,
+    TASK_FIELDS,
+    Batch,
+    TaskState,
+    chunks,
+    insert_staged,
+    table_of,
+)
 from bookkeeper.models import ERROR_SEVERITIES, Task, TaskEvent
 from bookkeeper.payloads import Envelope, TaskEventPayload, TaskUpdate
 
 DISPATCH_COMPLETE: Final = "DISPATCH_COMPLETE"
-_IN_CHUNK: Final = 500
-"""Ids per ``IN (...)`` list when loading tasks."""
 
 
 def project_tasks(
@@ -33,21 +40,24 @@ def project_tasks(
         (task.as_row() for task in batch.tasks.values() if task.dirty), key=lambda r: r["id"]
     )
     if merged:
-        batch.conn.execute(_task_upsert(batch.conn), merged)
+        staged = bulk.stage(batch.conn, table_of(Task), merged)
+        batch.conn.execute(_task_upsert(batch.conn, staged))
     if stubs:
         # A stub never overwrites a task that a concurrent batch created meanwhile.
-        statement = dialect_insert(batch.conn, Task).on_conflict_do_nothing(index_elements=["id"])
-        batch.conn.execute(statement, [stubs[task_id] for task_id in sorted(stubs)])
+        rows = [stubs[task_id] for task_id in sorted(stubs)]
+        staged = bulk.stage(batch.conn, table_of(Task), rows, "task_stubs")
+        statement = insert_staged(batch.conn, Task, staged)
+        batch.conn.execute(statement.on_conflict_do_nothing(index_elements=["id"]))
 
 
-def _task_upsert(conn: Connection) -> Any:
+def _task_upsert(conn: Connection, staged: TableClause) -> Any:
     """Insert merged task rows; on a row that exists, keep what this batch leaves empty.
 
     The stored row was read (and locked) before the merge, so normally every field here
     already accounts for it; the ``coalesce`` only matters when a concurrent batch created the
     task after that read, and then keeps its fields rather than blanking them.
     """
-    statement = dialect_insert(conn, Task)
+    statement = insert_staged(conn, Task, staged)
     new = statement.excluded
     table = Task.__table__.c
     return statement.on_conflict_do_update(
@@ -66,7 +76,7 @@ def _task_upsert(conn: Connection) -> Any:
 
 def _load_tasks(batch: Batch, ids: Iterable[str]) -> None:
     """Read the stored rows of ``ids`` (locked until commit on PostgreSQL)."""
-    for chunk in chunks(sorted(ids), _IN_CHUNK):
+    for chunk in chunks(sorted(ids), IN_CHUNK):
         query = select(Task).where(Task.id.in_(chunk)).order_by(Task.id)
         if batch.conn.dialect.name == "postgresql":
             query = query.with_for_update()
