@@ -1,10 +1,11 @@
 """The dispatcher service: scans ``outgoing/`` and runs several tasks at once in worker threads.
 
-Every ``dispatcher_scan_interval`` seconds, and whenever a task finishes, the service re-reads a
-changed configuration, checks ``outgoing/HALT``, scans for ready folders (:mod:`dispatcher.queue`)
-and hands the next ones, in priority order, to worker threads until ``dispatcher_max_parallel``
-tasks are in flight. Several dispatcher processes may share one spool: the ``.processing`` claim
-decides who sends a task.
+Every ``dispatcher_scan_interval`` seconds, whenever a task folder appears in ``outgoing/``
+(inotify, :mod:`common.wakeup`: the router's rename wakes the service at once) and whenever a
+task finishes, the service re-reads a changed configuration, checks ``outgoing/HALT``, scans for
+ready folders (:mod:`dispatcher.queue`) and hands the next ones, in priority order, to worker
+threads until ``dispatcher_max_parallel`` tasks are in flight. Several dispatcher processes may
+share one spool: all are woken, and the ``.processing`` claim decides who sends a task.
 
 Stopping: the first SIGTERM/SIGINT stops picking tasks and lets the ones in flight finish (every
 wait of a send is bounded), then :meth:`run` returns ``EX_OK``. A second one sets the cancel
@@ -39,6 +40,7 @@ from common.spool import (
     recover_if_stale,
 )
 from common.task import now_utc
+from common.wakeup import Change, FolderWatch
 from dispatcher.events import DispatchEvents
 from dispatcher.execute import Outcome, TaskRunner
 from dispatcher.queue import Scheduler, TaskCache, scan
@@ -80,6 +82,7 @@ class DispatcherService:
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
+        self._watch: FolderWatch | None = None
 
     # ------------------------------------------------------------------ control
 
@@ -109,6 +112,7 @@ class DispatcherService:
     def run(self) -> int:
         """Dispatch until stopped: ``EX_OK`` after a clean stop, ``EX_INTERRUPTED`` if forced."""
         self.paths.create()
+        self._watch = FolderWatch(self.paths.outgoing)
         logger.info(
             "dispatching %s (up to %d tasks at once)",
             self.paths.outgoing,
@@ -145,10 +149,24 @@ class DispatcherService:
             self._close()
 
     def _sleep(self, seconds: float) -> None:
-        with contextlib.suppress(InterruptedError):
-            select.select([self._wake_r], [], [], seconds)
-        with contextlib.suppress(BlockingIOError):
-            os.read(self._wake_r, 512)
+        """Wait up to ``seconds``; return early for :meth:`_wake` or a new task folder."""
+        watched = self._watch.fileno() if self._watch is not None else None
+        fds = [self._wake_r] if watched is None else [self._wake_r, watched]
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                readable, _, _ = select.select(fds, [], [], left)
+            except InterruptedError:
+                continue
+            if self._wake_r in readable:
+                with contextlib.suppress(BlockingIOError):
+                    os.read(self._wake_r, 512)
+                return
+            if not readable:
+                return
+            assert self._watch is not None
+            if any(_worth_a_scan(change) for change in self._watch.changes()):
+                return
 
     def _drain(self) -> int:
         if self._in_flight:
@@ -166,6 +184,8 @@ class DispatcherService:
         return exitcodes.EX_INTERRUPTED if self.cancel.is_set() else exitcodes.EX_OK
 
     def _close(self) -> None:
+        if self._watch is not None:
+            self._watch.close()
         self._pool.shutdown(wait=not self.cancel.is_set(), cancel_futures=True)
         os.close(self._wake_r)
         os.close(self._wake_w)
@@ -223,6 +243,16 @@ class DispatcherService:
             logger.warning("the new spool folders apply after a restart of the dispatcher")
         self.config, self.settings = config, settings
         logger.info("configuration reloaded")
+
+
+def _worth_a_scan(change: Change) -> bool:
+    """A task folder renamed into ``outgoing/`` (the router builds it under a hidden name), or
+    ``HALT`` set or lifted; the dispatcher's own moves out of ``outgoing/`` are not."""
+    if change.overflow:
+        return True
+    if change.name == Marker.HALT:
+        return True
+    return change.appeared and not change.name.startswith(".")
 
 
 CLAIM_SWEEP_INTERVAL: Final = 60.0

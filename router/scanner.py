@@ -9,6 +9,12 @@ read *and* it is old enough to be complete. Folders are returned oldest first.
 The cache is per process and only an optimisation: a router that starts with an empty cache
 reads each quiet folder once. A folder holding a routing journal (a crashed router's unfinished
 work) is ready at once, whatever its age.
+
+Each scan also notes :attr:`IncomingScanner.next_due`: the earliest moment a series seen in
+this scan, but not ready yet, becomes complete if nothing else arrives (its newest mtime plus
+``series_complete_trigger``), or may be retried. The router sleeps until then instead of
+waking at its next interval, so a series is routed when it becomes complete, not up to one
+scan interval later.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ NS: Final = 1_000_000_000
 SETTLED_NS: Final = 50_000_000
 """A folder read less than this long after its mtime is read again next time: the kernel stamps
 mtimes with a coarse clock, so a change in the same clock tick may leave the mtime unchanged."""
+NEVER: Final = 1 << 63
 MAX_BACKOFF: Final = 600.0
 """Longest wait before a series whose routing failed unexpectedly is tried again (seconds)."""
 
@@ -64,6 +71,9 @@ class IncomingScanner:
         self.states: dict[str, SeriesState] = {}
         self.folders_read = 0
         """Series folders whose entries were read (for tests and the benchmark)."""
+        self.next_due: float | None = None
+        """Epoch seconds at which the last scan expects the next series to become ready
+        (None: nothing is waiting to become complete)."""
 
     def ready(self, now: float, trigger: float, orphan_after: float = float("inf")) -> list[str]:
         """Series UIDs that are complete at ``now`` (epoch seconds), oldest first. A folder whose
@@ -73,6 +83,8 @@ class IncomingScanner:
         orphan_ns = int(min(orphan_after, 1e9) * NS)
         found: list[tuple[int, str]] = []
         seen: set[str] = set()
+        later: list[int] = []
+        self.next_due = None
         try:
             entries = os.scandir(self.incoming)
         except FileNotFoundError:
@@ -86,23 +98,41 @@ class IncomingScanner:
                 if state is None:
                     continue
                 seen.add(entry.name)
-                if now < state.retry_at:
-                    continue
-                if state.journal:
-                    found.append((0, entry.name))
-                    continue
-                if now_ns - state.mtime_ns < trigger_ns:
-                    continue
-                if not state.scanned:
-                    self._read(Path(entry.path), state, now_ns)
-                quiet_ns = now_ns - state.quiet_since_ns
-                if (state.routable and quiet_ns >= trigger_ns) or (
-                    state.unpaired and quiet_ns >= max(trigger_ns, orphan_ns)
-                ):
-                    found.append((state.quiet_since_ns, entry.name))
+                due = self._due_ns(entry, state, now, now_ns, trigger_ns, orphan_ns)
+                if due <= now_ns:
+                    found.append((0 if state.journal else state.quiet_since_ns, entry.name))
+                elif due != NEVER:
+                    later.append(due)
         for gone in self.states.keys() - seen:
             del self.states[gone]
+        if later:
+            self.next_due = min(later) / NS
         return [name for _, name in sorted(found)]
+
+    def _due_ns(
+        self,
+        entry: os.DirEntry[str],
+        state: SeriesState,
+        now: float,
+        now_ns: int,
+        trigger_ns: int,
+        orphan_ns: int,
+    ) -> int:
+        """When the series becomes ready (epoch ns; ready when not after ``now_ns``), if
+        nothing else arrives; :data:`NEVER` when only a new file can make it ready."""
+        if now < state.retry_at:
+            return max(int(state.retry_at * NS), now_ns + 1)
+        if state.journal:
+            return 0
+        if now_ns - state.mtime_ns < trigger_ns:
+            return state.mtime_ns + trigger_ns
+        if not state.scanned:
+            self._read(Path(entry.path), state, now_ns)
+        if state.routable:
+            return state.quiet_since_ns + trigger_ns
+        if state.unpaired:
+            return state.quiet_since_ns + max(trigger_ns, orphan_ns)
+        return NEVER
 
     def note(self, series_uid: str, outcome: Outcome, now: float) -> None:
         """Remember the outcome of an attempt (a failure delays the next one)."""

@@ -58,6 +58,9 @@ ORPHAN_AFTER: Final = 600.0
 receiver renames the two within microseconds; a lone file is an instance whose storing was
 interrupted (and never acknowledged)."""
 CLEAN_INTERVAL: Final = 60.0
+DUE_MARGIN: Final = 0.002
+"""Seconds added to the moment a series becomes complete, so that the wake-up does not fall a
+hair before it (the scanner compares whole nanoseconds of epoch time)."""
 TICK_BUDGET: Final = 10.0
 """Seconds of routing after which a tick ends early (the rest is found again by the next tick),
 so that configuration changes and housekeeping are not held up by a large backlog."""
@@ -143,14 +146,26 @@ class Router:
             os.write(self._wake_w, b"s")
 
     def run(self) -> int:
-        """Route until stopped; ``EX_OK`` after a clean stop."""
+        """Route until stopped; ``EX_OK`` after a clean stop.
+
+        Between ticks the router sleeps until the moment the scan expects the next series to
+        become complete, or for one scan interval (at most ``series_complete_trigger``, so that
+        a new series is seen before it can be complete), whichever comes first."""
         logger.info("routing %s every %s s", self.paths.incoming, self.config.router_scan_interval)
         while not self._stopping:
             started = time.monotonic()
             stats = self.tick()
             if stats.ready:
                 logger.debug("tick: %s", stats)
-            self._sleep(self.config.router_scan_interval - (time.monotonic() - started))
+            interval = float(self.config.router_scan_interval)
+            trigger = float(self.config.series_complete_trigger)
+            if 0 < trigger < interval:
+                interval = trigger
+            wait = interval - (time.monotonic() - started)
+            due = self.scanner.next_due
+            if due is not None and not stats.cut_short:
+                wait = min(wait, max(due - time.time(), 0.0) + DUE_MARGIN)
+            self._sleep(wait)
         logger.info("router stopped")
         return exitcodes.EX_OK
 

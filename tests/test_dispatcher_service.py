@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from datetime import datetime
 from pathlib import Path
@@ -15,6 +16,7 @@ from pathlib import Path
 from common import exitcodes
 from common.spool import LockOwner
 from common.task import write_task
+from common.wakeup import FolderWatch
 from dispatcher.events import DispatchEvents
 from dispatcher.queue import Candidate, Scheduler, TaskCache, scan, task_priority
 from dispatcher.service import DispatcherService
@@ -362,3 +364,52 @@ def test_crash_after_the_last_status_write_moves_the_task_without_resending(
         service_for(dispatcher_config(data_root, {"pacs": dicom_target(peer.port)})).once()
     assert peer.received == []
     assert (data_root / "success" / "task-1").is_dir()
+
+
+# ---------------------------------------------------------------------------- waking up
+
+
+def test_a_running_dispatcher_sends_a_new_task_at_once_not_at_its_next_scan(
+    tmp_path: Path,
+) -> None:
+    data_root = tmp_path / "data"
+    instances = small_series(tmp_path, "wake", 1)
+    make_task(outgoing_of(data_root), "first", instances, ["dummy"])
+    service = service_for(
+        dispatcher_config(data_root, {"dummy": DUMMY}, dispatcher_scan_interval=60)
+    )
+    runner = threading.Thread(target=service.run)
+    runner.start()
+    try:
+        wait_until((data_root / "success" / "first").is_dir, what="the first task")
+        make_task(outgoing_of(data_root), "second", instances, ["dummy"])  # while it sleeps
+        wait_until(
+            (data_root / "success" / "second").is_dir,
+            timeout=20,  # far below the 60 s scan interval it would otherwise wait
+            what="the second task",
+        )
+    finally:
+        service.stop()
+        runner.join(timeout=30)
+    assert not runner.is_alive()
+
+
+def test_a_folder_watch_reports_entries_renamed_in_and_removed(tmp_path: Path) -> None:
+    watch = FolderWatch(tmp_path)
+    try:
+        assert watch.fileno() is not None  # Linux: inotify is there
+        (tmp_path / ".task.building").mkdir()
+        (tmp_path / ".task.building").rename(tmp_path / "task")
+        (tmp_path / "HALT").touch()
+        (tmp_path / "HALT").unlink()
+        changes = watch.changes()
+        assert [(c.name, c.appeared) for c in changes] == [
+            (".task.building", True),
+            (".task.building", False),
+            ("task", True),
+            ("HALT", True),
+            ("HALT", False),
+        ]
+        assert watch.changes() == []
+    finally:
+        watch.close()

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from bookkeeper.payloads import KNOWN_KINDS, check_json
 from common.spool import LockOwner, Marker
 from router.delivery import OWNER_NAME, TEMP_SUFFIX
 from router.hooks import Step
+from tests.helpers import wait_until
 from tests.test_router_support import base_tags, make_spool, route_rule
 
 RULES = {"ct": route_rule('tags.Modality == "CT"')}
@@ -342,3 +344,50 @@ def test_the_events_the_bookkeeper_projects_have_its_shapes(tmp_path: Path) -> N
     assert updates[outgoing["id"]]["data"] == outgoing
     errors = [e.payload for e in events if e.kind == "task_event" and e.payload["event"] == "ERROR"]
     assert len(errors) == 1 and "not valid JSON" in errors[0]["info"]
+
+
+# ---------------------------------------------------------------------------- waking up
+
+
+def test_the_scan_notes_when_the_next_series_becomes_complete(tmp_path: Path) -> None:
+    spool = make_spool(tmp_path, rules=RULES, series_complete_trigger=30)
+    spool.add_series("1.2.3", 2)
+    spool.add_series("1.2.4", 1)
+    spool.age("1.2.3", 10)  # complete in 20 s
+    spool.age("1.2.4", 25)  # complete in 5 s: the next one
+    router = spool.router()
+    try:
+        assert router.tick().ready == 0
+        last_file = (spool.incoming / "1.2.4").stat().st_mtime
+        assert router.scanner.next_due is not None
+        assert abs(router.scanner.next_due - (last_file + 30)) < 0.01
+        spool.age("1.2.4", 31)
+        spool.age("1.2.3", 31)
+        assert router.tick().routed == 2
+        assert router.scanner.next_due is None  # nothing left to wait for
+    finally:
+        router.close()
+
+
+def test_a_running_router_routes_a_series_once_it_is_complete_not_at_its_next_scan(
+    tmp_path: Path,
+) -> None:
+    spool = make_spool(tmp_path, rules=RULES, series_complete_trigger=1, router_scan_interval=60)
+    spool.add_series("1.2.3", 1)
+    spool.age("1.2.3", 5)
+    router = spool.router()
+    runner = threading.Thread(target=router.run)
+    runner.start()
+    try:
+        wait_until(lambda: spool.tasks("outgoing"), timeout=20, what="the first series")
+        spool.add_series("1.2.4", 2)  # while the router sleeps
+        wait_until(
+            lambda: len(spool.tasks("outgoing")) == 2,
+            timeout=20,  # far below the 60 s scan interval the router would otherwise wait
+            what="the second series to be routed",
+        )
+    finally:
+        router.stop()
+        runner.join(timeout=30)
+        router.close()
+    assert not runner.is_alive()
