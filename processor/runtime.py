@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -137,15 +138,32 @@ def connect(settings: ProcessorSettings) -> docker.DockerClient:
     """A client for the engine, checked with a ping; :class:`EngineFailure` naming the address
     when the engine cannot be reached."""
     where = settings.docker_url or os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
+    client: docker.DockerClient | None = None
     try:
+        _probe_socket(where)
         if settings.docker_url:
             client = docker.DockerClient(base_url=settings.docker_url, timeout=60)
         else:
             client = docker.from_env(timeout=60)
         client.ping()
-    except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+    except (docker.errors.DockerException, requests.exceptions.RequestException, OSError) as exc:
+        if client is not None:
+            client.close()
         raise EngineFailure(f"Docker engine unreachable at {where}: {_short(exc)}") from None
     return client
+
+
+def _probe_socket(where: str) -> None:
+    """Connect to a ``unix://`` engine socket once (docker-py leaks the socket of a refused
+    connection, and says less about why)."""
+    if not where.startswith("unix://"):
+        return
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(10)
+        try:
+            probe.connect(where.removeprefix("unix://"))
+        except OSError as exc:
+            raise OSError(f"{exc.strerror or exc}") from None
 
 
 def remove_task_containers(client: docker.DockerClient, task_id: str) -> int:

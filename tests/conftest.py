@@ -9,10 +9,12 @@ import subprocess
 from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 
+import docker
 import pytest
 
 from tests import dicom_factory
 from tests.helpers import Receiver, ReceiverFactory, require_root, require_tool
+from tests.processor_helpers import build_images, require_docker
 
 RECEIVERS = pytest.StashKey[list[Receiver]]()
 
@@ -108,3 +110,12 @@ def small_fs(tmp_path: Path) -> Iterator[Callable[[int], Path]]:
         done = subprocess.run(["umount", str(point)], capture_output=True, check=False)
         if done.returncode != 0:
             subprocess.run(["umount", "-l", str(point)], capture_output=True, check=False)
+
+
+@pytest.fixture(scope="session")
+def docker_client() -> Iterator[docker.DockerClient]:
+    """A client of the real Docker engine, with the module images built (processor tests)."""
+    client = require_docker()
+    build_images(client)
+    yield client
+    client.close()
