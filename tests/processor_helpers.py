@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any, Final
 
@@ -149,6 +150,18 @@ def make_task(
     final = paths.processing / task_id
     folder.rename(final)
     return final
+
+
+def start_processor(config_path: Path, log: Path) -> subprocess.Popen[bytes]:
+    """``python -m processor`` as its own process group, output appended to ``log``."""
+    with log.open("ab") as handle:
+        return subprocess.Popen(
+            [sys.executable, "-m", "processor", "--config", str(config_path)],
+            cwd=REPO,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
 
 def dicom_names(folder: Path) -> list[str]:

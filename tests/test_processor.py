@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -23,7 +21,6 @@ from tests.helpers import wait_until
 from tests.processor_helpers import (
     EXAMPLE,
     PROBE,
-    REPO,
     containers_of,
     dicom_names,
     file_hashes,
@@ -33,6 +30,7 @@ from tests.processor_helpers import (
     module,
     processor_config,
     processor_events,
+    start_processor,
     task_events,
     write_config,
 )
@@ -462,17 +460,6 @@ def test_halt_file_stops_new_tasks(tmp_path: Path) -> None:
     assert run_once(config) == []
 
     assert (config.spool_paths().processing / "t18" / "task.json").exists()
-
-
-def start_processor(config_path: Path, log: Path) -> subprocess.Popen[bytes]:
-    with log.open("ab") as handle:
-        return subprocess.Popen(
-            [sys.executable, "-m", "processor", "--config", str(config_path)],
-            cwd=REPO,
-            stdout=handle,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
 
 
 def test_processor_killed_while_a_container_runs_recovers_the_task(
