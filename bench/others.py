@@ -14,6 +14,8 @@ from bench import bookkeeper_bench, report
 from bench.dispatch_bench import bench_dispatch
 from bench.dispatch_bench import report_markdown as dispatch_markdown
 from bench.pipeline_bench import bench_pipeline
+from bench.processor_bench import bench_processor
+from bench.processor_bench import markdown as processor_markdown
 from bench.router_bench import bench_router_tick
 
 ROUTER_TICK_TARGET_S = 1.0
@@ -57,7 +59,7 @@ def router_section(work: Path, quick: bool, command: str) -> str:
 
 def dispatch_section(work: Path, quick: bool, command: str) -> str:
     result = bench_dispatch(work / "dispatch", quick=quick)
-    return _stamp(command) + "\n\n" + dispatch_markdown(result)
+    return "## Dispatcher\n\n" + _stamp(command) + "\n\n" + dispatch_markdown(result, heading=False)
 
 
 def bookkeeper_section(work: Path, quick: bool, command: str) -> str:
@@ -93,11 +95,18 @@ def pipeline_section(work: Path, quick: bool, command: str) -> str:
     return "\n".join(lines)
 
 
+def processor_section(work: Path, quick: bool, command: str) -> str:
+    result = bench_processor(work / "processor", quick)
+    heading = "## Processor: overhead of one processing step"
+    return heading + "\n\n" + _stamp(command) + "\n\n" + processor_markdown(result)
+
+
 SECTIONS: dict[str, Callable[[Path, bool, str], str]] = {
     "router": router_section,
     "dispatch": dispatch_section,
     "bookkeeper": bookkeeper_section,
     "pipeline": pipeline_section,
+    "processor": processor_section,
 }
 
 
