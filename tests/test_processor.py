@@ -115,6 +115,8 @@ def test_module_sees_mercures_contract_and_runs_confined(tmp_path: Path) -> None
     assert result["cap_eff"] == "0000000000000000"
     assert result["no_new_privs"] == "1"
     assert result["interfaces"] == ["lo"]
+    assert result["memory_limit"] == str(4 * 1024**3)  # processing_memory_limit's default
+    assert result["pids_limit"] == "4096"
     assert result["env"]["PROBE_COLOUR"] == "blue"
     for name in ("MERCURE_IN_DIR", "MONAI_INPUTPATH", "HOLOSCAN_INPUT_PATH"):
         assert result["env"][name] == "/tmp/data"
@@ -327,6 +329,8 @@ def test_allowed_docker_arguments_and_volumes_are_applied(tmp_path: Path) -> Non
 
     result = json.loads((config.spool_paths().success / "t14" / "result.json").read_text())
     assert result["env"]["PROBE_FROM_ARGS"] == "yes"
+    assert result["memory_limit"] == str(256 * 1024**2)
+    assert result["atlas"] == ["atlas.txt"]
 
 
 # ---------------------------------------------------------------------------- routing
@@ -526,3 +530,50 @@ def test_sigterm_kills_the_running_module_and_leaves_the_task_to_run_again(
     task = finished_task(folder)
     assert task.info.process_failures == 0 and task.info.fail_stage is None
     assert not (folder / ".processing").exists()
+
+
+def test_missing_image_is_pulled_only_when_asked_and_a_pull_failure_is_named(
+    tmp_path: Path,
+) -> None:
+    tag = "127.0.0.1:9/caduceus-test/unreachable:1.0"  # a registry nobody serves
+    config = processor_config(tmp_path, processing_pull_images=True, modules={"m": module(tag)})
+    make_task(config, "t21", ["m"])
+
+    assert run_once(config) == [("t21", Outcome.ERROR)]
+
+    reason = finished_task(config.spool_paths().error / "t21").info.fail_reason
+    assert reason is not None
+    assert reason.startswith(f"image {tag!r} is missing and cannot be pulled:")
+
+
+def test_two_processors_on_one_spool_run_every_task_exactly_once(tmp_path: Path) -> None:
+    config = processor_config(
+        tmp_path,
+        modules={"copy": module(EXAMPLE, settings={"sleep": 1})},
+        processing_max_parallel=2,
+    )
+    config_path = write_config(tmp_path / "caduceus.json", config)
+    ids = [f"m{n}" for n in range(6)]
+    for task_id in ids:
+        make_task(config, task_id, ["copy"], instances=1, seed=task_id)
+    paths = config.spool_paths()
+    processes = [start_processor(config_path, tmp_path / f"p{n}.log") for n in range(2)]
+    try:
+        wait_until(
+            lambda: all((paths.success / task_id).exists() for task_id in ids),
+            timeout=180,
+            what="every task in success/",
+        )
+    finally:
+        for process in processes:
+            process.send_signal(signal.SIGTERM)
+        codes = [process.wait(timeout=60) for process in processes]
+
+    assert codes == [0, 0]
+    assert sorted(entry.name for entry in paths.success.iterdir()) == ids
+    begun = [
+        e.payload["task_id"]
+        for e in processor_events(config)
+        if e.kind == "task_event" and e.payload["event"] == "PROCESS_BEGIN"
+    ]
+    assert sorted(begun) == ids
