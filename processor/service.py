@@ -34,6 +34,7 @@ from dispatcher.queue import Scheduler, TaskCache
 from processor.events import ProcessEvents
 from processor.execute import Outcome, ProcessRunner
 from processor.queue import scan
+from processor.runtime import EngineFailure, connect
 from processor.settings import ProcessorSettings
 
 logger = logging.getLogger(__name__)
@@ -98,6 +99,7 @@ class ProcessorService:
             self.paths.processing,
             self.settings.max_parallel,
         )
+        self._check_engine()
         try:
             while not self._stopping:
                 self._reload_config()
@@ -106,6 +108,14 @@ class ProcessorService:
             return self._drain()
         finally:
             self._close()
+
+    def _check_engine(self) -> None:
+        """Say at start when the Docker engine cannot be reached (tasks then wait for it)."""
+        try:
+            connect(self.settings).close()
+        except EngineFailure as exc:
+            logger.warning("%s; processing tasks will be retried until it is back", exc)
+            self.events.engine_unreachable(str(exc))
 
     def once(self) -> int:
         """Process every task that is ready now; ``EX_OK`` when nothing is ready or running."""
