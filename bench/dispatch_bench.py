@@ -11,10 +11,14 @@
   start to exit (``bench.sender.send``).
 
 Each peer run is checked: every SOP Instance UID must be on disk, else the run fails and is not
-averaged in. Median of ``reps`` runs each. The **max-PDU sweep** dispatches the same series with
-the dispatcher's PDU cap (``dispatcher_max_pdu``) at each size of ``pdu_sizes``, to a peer that
-accepts PDUs up to ``peer_max_pdu`` (the Caduceus receiver, which advertises what it is told;
-storescp stops at 128 KiB), and, against storescp, with storescp's own ``-pdu`` limit.
+averaged in. Median of ``reps`` runs each. The sender's CPU time is measured too: the bench
+process's own user + system time around the dispatch (the dispatcher runs in it), and
+``storescu``'s from ``RUSAGE_CHILDREN`` around its run.
+
+The **max-PDU sweep** dispatches the same series with the dispatcher's PDU cap
+(``dispatcher_max_pdu``) at each size of ``CAP_SIZES``, to a peer that accepts PDUs up to
+``peer_max_pdu`` (the Caduceus receiver, which advertises what it is told; storescp stops at
+128 KiB), and, against storescp, with storescp's own ``-pdu`` limit.
 
 ``python -m bench.dispatch_bench [--quick]`` writes ``bench/out/dispatch.md``. From
 ``bench/__main__.py``: ``result = bench_dispatch(OUT / "work" / "dispatch", quick=args.quick)``
@@ -27,6 +31,7 @@ import argparse
 import json
 import logging
 import os
+import resource
 import shutil
 import statistics
 import sys
@@ -59,9 +64,14 @@ class Runs:
     label: str
     seconds: list[float] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
+    cpu_seconds: list[float] = field(default_factory=list)
+    """User + system CPU seconds of the sender, per successful run."""
 
     def median(self) -> float | None:
         return statistics.median(self.seconds) if self.seconds else None
+
+    def cpu_median(self) -> float | None:
+        return statistics.median(self.cpu_seconds) if self.cpu_seconds else None
 
     def mb_s(self, total_bytes: int) -> float | None:
         median = self.median()
@@ -160,10 +170,13 @@ def _run(
         service = DispatcherService(config)
         subprocess_sync()
         procs.wait_quiet(max_wait_s=quiet_wait)
+        cpu = _cpu(resource.RUSAGE_SELF)
         started = time.perf_counter()
         service.once()
         elapsed = time.perf_counter() - started
-        _check(runs, peer, instances, elapsed, (spool / "success" / "bench-task").is_dir())
+        cpu = _cpu(resource.RUSAGE_SELF) - cpu
+        finished = (spool / "success" / "bench-task").is_dir()
+        _check(runs, peer, instances, elapsed, finished, cpu)
     finally:
         peer.stop()
         peer.clean()
@@ -181,15 +194,27 @@ def _storescu_run(
     try:
         subprocess_sync()
         procs.wait_quiet(max_wait_s=quiet_wait)
+        cpu = _cpu(resource.RUSAGE_CHILDREN)
         sent = sender.send(peer.port, [instances], work / "storescu-logs")
-        _check(runs, peer, instances, sent.wall_s, sent.returncodes == [0])
+        cpu = _cpu(resource.RUSAGE_CHILDREN) - cpu
+        _check(runs, peer, instances, sent.wall_s, sent.returncodes == [0], cpu)
     finally:
         peer.stop()
         peer.clean()
 
 
+def _cpu(who: int) -> float:
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _check(
-    runs: Runs, peer: Peer, instances: list[data.Instance], elapsed: float, finished: bool
+    runs: Runs,
+    peer: Peer,
+    instances: list[data.Instance],
+    elapsed: float,
+    finished: bool,
+    cpu: float,
 ) -> None:
     got = set(peer.received().sop_uids)
     missing = [item.sop_uid for item in instances if item.sop_uid not in got]
@@ -197,6 +222,7 @@ def _check(
         runs.failures.append(f"finished={finished}, {len(missing)} instance(s) missing")
     else:
         runs.seconds.append(elapsed)
+        runs.cpu_seconds.append(cpu)
 
 
 def _write_task(folder: Path, uids: list[str]) -> None:
@@ -227,27 +253,36 @@ def subprocess_sync() -> None:
 # ---------------------------------------------------------------------------- the report
 
 
-def _fmt(value: float | None, unit: str = "") -> str:
-    return f"{value:.1f}{unit}" if value is not None else "n/a"
+def _fmt(value: float | None, unit: str = "", digits: int = 1) -> str:
+    return f"{value:.{digits}f}{unit}" if value is not None else "n/a"
 
 
-def report_markdown(result: DispatchBenchResult) -> str:
+def report_markdown(result: DispatchBenchResult, *, heading: bool = True) -> str:
+    """The results as Markdown (``heading``: start with ``## Dispatcher``)."""
     mb = result.total_bytes / 1e6
-    lines = [
-        "## Dispatcher",
-        "",
+    lines = ["## Dispatcher", ""] if heading else []
+    lines += [
         f"{result.instances} CT instances (512x512x16 bit, {mb:.1f} MB), one association, "
-        f"median of {result.reps} run(s); machine CPU before the runs {result.cpu_before:.0f}%.",
+        f"median of {result.reps} run(s), the two senders' runs interleaved; machine CPU before "
+        f"the runs {result.cpu_before:.0f}%.",
         "",
-        "| sender -> storescp | median s | MB/s | runs ok / failed |",
-        "|---|---:|---:|---|",
+        "| sender -> storescp | median s | MB/s | sender CPU s | CPU ms / instance "
+        "| runs ok / failed |",
+        "|---|---:|---:|---:|---:|---|",
     ]
     for runs in (result.dispatcher, result.storescu):
+        cpu = runs.cpu_median()
+        per_instance = cpu * 1000 / result.instances if cpu is not None else None
         lines.append(
-            f"| {runs.label} | {_fmt(runs.median())} | {_fmt(runs.mb_s(result.total_bytes))} | "
-            f"{len(runs.seconds)} / {len(runs.failures)} |"
+            f"| {runs.label} | {_fmt(runs.median(), digits=2)} | "
+            f"{_fmt(runs.mb_s(result.total_bytes))} | {_fmt(cpu, digits=2)} | "
+            f"{_fmt(per_instance, digits=2)} | {len(runs.seconds)} / {len(runs.failures)} |"
         )
-    lines += ["", f"Dispatcher / storescu throughput: **{_fmt(result.ratio)}x** (target >= 0.5x)."]
+    lines += [
+        "",
+        f"Dispatcher / storescu throughput: **{_fmt(result.ratio, digits=2)}x** "
+        f"(target >= 0.5x: {'pass' if (result.ratio or 0) >= 0.5 else 'FAIL'}).",
+    ]
     if result.storescp_pdu:
         lines += ["", "storescp `-pdu` (its max receive PDU; the dispatcher sends that size):", ""]
         lines += ["| storescp -pdu | MB/s |", "|---:|---:|"]
