@@ -48,7 +48,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import httpx
 import psycopg2
@@ -631,8 +631,15 @@ def seed(server: Server, scale: Scale, rng: random.Random) -> Samples:
 # ---------------------------------------------------------------------------- queries
 
 
-def _queries(samples: Samples, now: datetime) -> list[tuple[str, str, Callable[[int], str]]]:
-    """(name, description, path for the n-th repetition) of each dashboard query."""
+DEEP: Final = 10_000
+"""Rows before the deep pages (by offset and by cursor) of the name-sorted list."""
+
+
+def _queries(
+    samples: Samples, now: datetime, deep_cursor: str
+) -> list[tuple[str, str, Callable[[int], str]]]:
+    """(name, description, path for the n-th repetition) of each dashboard query.
+    ``deep_cursor``: the cursor of the page after the first :data:`DEEP` series by name."""
     day_ago = _iso(now - timedelta(days=1))
     week_ago = _iso(now - timedelta(days=7))
 
@@ -679,6 +686,16 @@ def _queries(samples: Samples, now: datetime) -> list[tuple[str, str, Callable[[
             lambda n: "/v1/series?sort=patient_name&order=asc&limit=50&offset=500",
         ),
         (
+            "deep_offset",
+            f"page after {DEEP:,} by patient name, by offset",
+            lambda n: f"/v1/series?sort=patient_name&order=asc&limit=50&offset={DEEP}",
+        ),
+        (
+            "deep_cursor",
+            f"page after {DEEP:,} by patient name, by cursor",
+            lambda n: f"/v1/series?sort=patient_name&order=asc&limit=50&cursor={deep_cursor}",
+        ),
+        (
             "count_week",
             "count of last week's series",
             lambda n: f"/v1/series?received_from={week_ago}&count=true&limit=50",
@@ -698,7 +715,13 @@ def _queries(samples: Samples, now: datetime) -> list[tuple[str, str, Callable[[
 def query_latency(server: Server, backend: str, samples: Samples, repeats: int) -> list[QueryRun]:
     runs = []
     with httpx.Client(base_url=server.url, headers=AUTH, timeout=300) as client:
-        for name, description, path in _queries(samples, datetime.now(UTC)):
+        before = client.get(
+            "/v1/series",
+            params={"sort": "patient_name", "order": "asc", "limit": 50, "offset": DEEP - 50},
+        )
+        before.raise_for_status()
+        deep_cursor = before.json()["next_cursor"]
+        for name, description, path in _queries(samples, datetime.now(UTC), deep_cursor):
             run = QueryRun(backend, name, description)
             for n in range(3):  # warm the caches and the connection pool
                 client.get(path(n + 1000))

@@ -13,7 +13,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import DeclarativeBase
 
 from bookkeeper import bulk
-from bookkeeper.models import HourlyStat
+from bookkeeper.models import DailyStat, HourlyStat
 
 IN_CHUNK: Final = 500
 """Values per ``IN (...)`` list when rows are read or locked by key."""
@@ -97,18 +97,40 @@ class Batch:
         bulk.append(self.conn, table_of(model), rows)
 
 
+def day_of(time: datetime) -> datetime:
+    """The start of the UTC day ``time`` falls in (the key of ``daily_stats``)."""
+    return time.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+
+
 def write_stats(batch: Batch) -> None:
-    """Add the batch's counts to ``hourly_stats`` (sorted, so concurrent batches never
-    deadlock on the rows they share)."""
+    """Add the batch's counts to ``hourly_stats`` and ``daily_stats``.
+
+    Rows are written in sorted order, hours before days, so concurrent batches lock the rows
+    they share in the same order and never deadlock on them. Each event is projected once
+    (by its id), so both counters stay exact when batches are sent again.
+    """
     if not batch.stats:
         return
+    days: Counter[tuple[datetime, str, str]] = Counter()
+    for (hour, metric, key), value in batch.stats.items():
+        days[day_of(hour), metric, key] += value
+    _add_counts(batch.conn, HourlyStat, "hour", batch.stats)
+    _add_counts(batch.conn, DailyStat, "day", days)
+
+
+def _add_counts(
+    conn: Connection,
+    model: type[HourlyStat] | type[DailyStat],
+    period: str,
+    counts: Counter[tuple[datetime, str, str]],
+) -> None:
     rows = [
-        {"hour": hour, "metric": metric, "key": key, "value": value}
-        for (hour, metric, key), value in sorted(batch.stats.items())
+        {period: start, "metric": metric, "key": key, "value": value}
+        for (start, metric, key), value in sorted(counts.items())
     ]
-    statement = dialect_insert(batch.conn, HourlyStat)
+    statement = dialect_insert(conn, model)
     statement = statement.on_conflict_do_update(
-        index_elements=["hour", "metric", "key"],
-        set_={"value": HourlyStat.value + statement.excluded.value},
+        index_elements=[period, "metric", "key"],
+        set_={"value": model.value + statement.excluded.value},
     )
-    batch.conn.execute(statement, rows)
+    conn.execute(statement, rows)

@@ -46,6 +46,10 @@ JSONType: Final[TypeEngine[Any]] = JSON(none_as_null=True).with_variant(JSONB(),
 BigIntPK: Final[TypeEngine[int]] = BigInteger().with_variant(Integer(), "sqlite")
 """A 64-bit key; on SQLite ``INTEGER PRIMARY KEY`` so that it is the (auto-assigned) rowid."""
 
+NAME_SEARCH_TYPE: Final[TypeEngine[str]] = Text().with_variant(Text(collation="C"), "postgresql")
+"""Text compared by code point: ``COLLATE "C"`` on PostgreSQL, as SQLite compares anyway. One
+plain index then serves prefix ranges, ``ORDER BY`` and row comparisons alike."""
+
 SEVERITIES: Final = ("info", "warning", "error", "critical")
 """Severity vocabulary of task and system events (mercure's 0-3, by name)."""
 ERROR_SEVERITIES: Final = ("error", "critical")
@@ -131,8 +135,9 @@ class Series(Base):
     series_uid: Mapped[str] = mapped_column(String(64), unique=True)
     study_uid: Mapped[str] = mapped_column(String(64), index=True)
     patient_name: Mapped[str | None]
-    patient_name_search: Mapped[str | None]
-    """``patient_name`` case-folded with ``^`` as a space: what name searches compare against."""
+    patient_name_search: Mapped[str | None] = mapped_column(NAME_SEARCH_TYPE)
+    """``patient_name`` case-folded with ``^`` as a space: what name searches compare against,
+    and what sorting by name orders by (in code point order on both databases)."""
     patient_id: Mapped[str | None]
     patient_birth_date: Mapped[str | None]
     patient_sex: Mapped[str | None]
@@ -170,11 +175,8 @@ class Series(Base):
         Index(None, "modality", "last_received_at"),
         Index(None, "sender_aet", "last_received_at"),
         Index(None, "status", "last_received_at"),
-        Index(
-            None,
-            "patient_name_search",
-            postgresql_ops={"patient_name_search": "text_pattern_ops"},
-        ),
+        # Serves name prefix searches (as a range), sorting by name, and name cursors.
+        Index(None, "patient_name_search", "id"),
     )
 
 
@@ -351,6 +353,23 @@ class HourlyStat(Base):
     __tablename__ = "hourly_stats"
 
     hour: Mapped[datetime] = mapped_column(primary_key=True)
+    metric: Mapped[str] = mapped_column(String(32), primary_key=True)
+    key: Mapped[str] = mapped_column(String(256), primary_key=True)
+    value: Mapped[int]
+
+    __table_args__ = (Index(None, "metric", "hour"),)
+
+
+class DailyStat(Base):
+    """``hourly_stats`` summed by UTC day (``day`` is its midnight), kept up to date with it.
+
+    A window of days then sums one row per day and key instead of 24: the dashboard reads the
+    hours at the window's ends from ``hourly_stats`` and the whole days in between from here.
+    """
+
+    __tablename__ = "daily_stats"
+
+    day: Mapped[datetime] = mapped_column(primary_key=True)
     metric: Mapped[str] = mapped_column(String(32), primary_key=True)
     key: Mapped[str] = mapped_column(String(256), primary_key=True)
     value: Mapped[int]

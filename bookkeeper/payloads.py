@@ -124,7 +124,7 @@ class CheckedPayload(dict[str, Any]):
 def _storable(value: dict[str, Any]) -> dict[str, Any]:
     """``value`` as a :class:`CheckedPayload`, or ValueError naming the first problem.
 
-    Serialising is the quick check: ``allow_nan=False`` refuses non-finite numbers, a NUL is
+    Serialising is the quick check: :func:`to_json` refuses non-finite numbers, a NUL is
     escaped as ``\\u0000`` (in keys too), and a text with at most ``MAX_DEPTH`` brackets
     cannot nest deeper. Only a suspect payload is walked by :func:`check_json`, which also
     finds the place to name (and clears the false alarms: a ``\\u0000`` written literally,

@@ -46,6 +46,9 @@ class SeriesPage(BaseModel):
     """All matches, when asked for with ``count=true`` (else null)."""
     has_more: bool
     """More matches follow this page."""
+    next_cursor: str | None = None
+    """Pass as ``cursor`` (with the same filters, sort and order) for the next page; null on
+    the last page."""
 
 
 class FileView(_View):

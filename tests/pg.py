@@ -77,11 +77,24 @@ def fresh_database(label: str) -> Iterator[str]:
             cursor.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
         yield make_url(server).set(database=name).render_as_string(hide_password=False)
     finally:
-        with conn.cursor() as cursor:
-            cursor.execute(
-                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-            )
+        wait_until(lambda: _dropped(conn, name), timeout=60, what=f"database {name} to drop")
         conn.close()
+
+
+def _dropped(conn: Any, name: str) -> bool:
+    """Drop database ``name``, closing its sessions; False while an autovacuum worker is in it.
+
+    ``WITH (FORCE)`` must be allowed to signal every process in the database, and this role
+    may not signal an autovacuum worker (which the bookkeeper's bulk writes start often): the
+    drop fails until the worker is done.
+    """
+    statement = sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+    try:
+        with conn.cursor() as cursor:
+            cursor.execute(statement)
+    except psycopg2.errors.InsufficientPrivilege:
+        return False
+    return True
 
 
 @contextlib.contextmanager
