@@ -1,10 +1,11 @@
 """The processor's events, recorded in its outbox (``docs/events.md``, "Processor events").
 
 Beside its own kinds (``processing_started``, ``processing_step_done``,
-``processing_retry_scheduled``, ``processing_failed``, ``task_moved``, ``engine_unreachable``,
-``lock_recovered``), the processor records what the bookkeeper projects: ``task_event`` with
-mercure's vocabulary, ``task_update`` snapshots, ``module_log`` (the container's output) and
-``module_output`` (the module's ``result.json``).
+``processing_retry_scheduled``, ``processing_failed``, ``processing_restarted``, ``task_moved``,
+``dynamic_routing_ignored``, ``notification_requested``, ``lock_recovered``; an unreachable
+engine is a ``system_event``), the processor records what the bookkeeper projects:
+``task_event`` with mercure's vocabulary, ``task_update`` snapshots, ``module_log`` (the
+container's output) and ``module_output`` (the module's ``result.json``).
 """
 
 from __future__ import annotations
@@ -124,18 +125,27 @@ class ProcessEvents(TaskEventRecorder):
             self.task_update(task, status),
         )
 
-    def notification_requested(self, task: Task, text: str) -> None:
-        """A module asked for a completion notification (``__mercure_notification``)."""
+    def notification_requested(self, task: Task, text: str, *, trigger: str = "completion") -> None:
+        """A notification is due: completion (a module may have asked for it with
+        ``__mercure_notification``) or error."""
         self._record(
             "notification_requested",
             {
                 "rule": task.info.applied_rule or "",
                 "series_uid": task.info.uid if task.info.uid_type == "series" else None,
-                "triggers": ["completion"],
+                "triggers": [trigger],
                 "task_ids": [task.id],
                 "text": text[:4000],
             },
             self.task_event(task, "NOTIFICATION", info=text[:4000]),
+        )
+
+    def restarted(self, task: Task) -> None:
+        self._record(
+            "processing_restarted",
+            self.task_fields(task),
+            self.task_event(task, "PROCESS_RESTART"),
+            self.task_update(task, "processing"),
         )
 
     def routing_ignored(self, task: Task, reason: str) -> None:

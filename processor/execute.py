@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import threading
+from collections.abc import Mapping
 from datetime import timedelta
 from enum import StrEnum
 from pathlib import Path
@@ -32,7 +33,7 @@ from typing import Final
 
 import docker
 
-from common.config import Config, Module
+from common.config import Config, Module, Rule
 from common.errors import LockedError
 from common.spool import (
     Marker,
@@ -88,8 +89,11 @@ class ProcessRunner:
         self.paths = paths
         self.events = events
         self.cancel = cancel if cancel is not None else threading.Event()
+        self.config_rules: Mapping[str, Rule] = {}
+        """The rules of the configuration of the latest attempt (for error notifications)."""
 
     def run(self, folder: Path, config: Config, settings: ProcessorSettings) -> Outcome:
+        self.config_rules = config.rules
         lock = SpoolLock(folder / Marker.PROCESSING, SERVICE)
         try:
             lock.acquire()
@@ -102,8 +106,24 @@ class ProcessRunner:
                 )
                 self.events.lock_recovered(folder.name, lock.recovered)
             return self._attempt(Workspace(folder), lock, config, settings)
+        except Exception as exc:  # a bug or an OS error (disk full): never a hot loop
+            logger.exception("task %s: the attempt failed unexpectedly", folder.name)
+            return self._unexpected(Workspace(folder), lock, settings, exc)
         finally:
             lock.release()
+
+    def _unexpected(
+        self, ws: Workspace, lock: SpoolLock, settings: ProcessorSettings, exc: Exception
+    ) -> Outcome:
+        """Count an unexpected failure as an engine-type one (backoff, then ``error/``);
+        when even that cannot be written, the task is left for the next scan."""
+        reason = f"internal error: {type(exc).__name__}: {exc}"
+        try:
+            task = read_task(ws.task_file, report=False)
+            return self._failed(ws, lock, task, reason, settings, module_retries=None)
+        except Exception:
+            logger.exception("task %s: cannot record the failure", ws.folder.name)
+            return Outcome.RETRY
 
     def fail_broken(self, folder: Path, reason: str) -> None:
         """Move a folder whose ``task.json`` cannot be read to ``error/`` with a ``.error``."""
@@ -132,6 +152,7 @@ class ProcessRunner:
         retry_at = task.info.process_next_retry_at
         if retry_at is not None and retry_at > now_utc():
             return Outcome.NOT_DUE
+        ws.gather_input()  # error/ always holds the input in input/
         if not task.processing_steps:
             return self._give_up(ws, lock, task, "the task names no processing module")
         try:
@@ -161,7 +182,6 @@ class ProcessRunner:
         settings: ProcessorSettings,
     ) -> Outcome:
         steps = task.processing_steps
-        ws.gather_input()
         ws.reset_scratch()
         attempt = task.info.process_failures + task.info.process_engine_failures + 1
         self.events.started(task, attempt)
@@ -182,7 +202,7 @@ class ProcessRunner:
             logger.warning("task %s: interrupted, it will run again", task.id)
             return Outcome.STOPPED
         except ModuleFailure as exc:
-            retries = max(module.retries for module in modules)
+            retries = modules[exc.step].retries
             return self._failed(ws, lock, task, str(exc), settings, module_retries=retries)
         except EngineFailure as exc:
             self.events.engine_unreachable(str(exc))
@@ -230,7 +250,11 @@ class ProcessRunner:
                 persistence_dir=self._persistence(step, module, config, user),
                 timeout=module.timeout or settings.timeout,
             )
-            self._run_step(task, step, spec, runner, settings, step_dir)
+            try:
+                self._run_step(task, step, spec, runner, settings, step_dir)
+            except ModuleFailure as exc:
+                exc.step = index
+                raise
             previous_out = out_dir
         assert previous_out is not None
         return previous_out
@@ -288,7 +312,13 @@ class ProcessRunner:
     ) -> Path | None:
         if not module.requires_persistence:
             return None
-        folder = config.persistence_path() / (module.persistence_folder_name or step.module_name)
+        name = module.persistence_folder_name or step.module_name
+        if name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
+            raise ConfigFailure(
+                f"module {step.module_name!r}: persistence_folder_name {name!r} must be a "
+                "plain folder name"
+            )
+        folder = config.persistence_path() / name
         if not folder.exists():
             folder.mkdir(parents=True)
             workspace.give_to_container_user([folder], user)
@@ -313,6 +343,7 @@ class ProcessRunner:
         if decision.notification is not None:
             self.events.notification_requested(task, decision.notification)
         task.info.process_next_retry_at = None
+        task.info.fail_reason = None
         write_task(ws.result / Marker.TASK, task)
         fsync_dir(ws.result)
         atomic_write_json(ws.finished, {"folder": decision.folder})
@@ -326,25 +357,25 @@ class ProcessRunner:
             root = _spool_folder(self.paths, folder_name)
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise RuntimeError(f"task {ws.folder.name}: unreadable {ws.finished}: {exc}") from exc
-        destination: Path | None = None
         if ws.result.exists():
             if task is None:
                 task = read_task(ws.result / Marker.TASK, report=False)
             destination = _unique(root, ws.folder.name)
-            os.rename(ws.result, destination)
-            fsync_dir(root)
-        workspace.remove_tree(ws.folder)
-        with contextlib.suppress(OSError):
-            fsync_dir(ws.folder.parent)
-        if task is not None and destination is not None:
+            # Recorded before the rename: a crash after it is completed by the next processor,
+            # which then finds no result/ (and must not record the move twice).
             status = {"outgoing": "processed", "discard": "discarded"}.get(folder_name, "complete")
             self.events.moved(task, ws.folder, destination, status)
+            os.rename(ws.result, destination)
+            fsync_dir(root)
             logger.info(
                 "task %s: processed, moved to %s/",
                 task.id,
                 folder_name,
                 extra={"task_id": task.id},
             )
+        workspace.remove_tree(ws.folder)
+        with contextlib.suppress(OSError):
+            fsync_dir(ws.folder.parent)
         return Outcome.SUCCESS
 
     def _failed(
@@ -383,6 +414,14 @@ class ProcessRunner:
         )
         return Outcome.RETRY
 
+    def _notifies_errors(self, task: Task) -> bool:
+        rule = self.config_rules.get(task.info.applied_rule or "")
+        return bool(
+            rule is not None
+            and rule.notification_trigger_error
+            and (rule.notification_webhook or rule.notification_email)
+        )
+
     def _give_up(self, ws: Workspace, lock: SpoolLock, task: Task, reason: str) -> Outcome:
         task.info.fail_stage = "PROCESSING"
         task.info.fail_reason = reason
@@ -391,20 +430,28 @@ class ProcessRunner:
         _keep_only_logs(ws)
         logger.error("task %s failed: %s", task.id, reason, extra={"task_id": task.id})
         self.events.failed(task, reason)
+        if self._notifies_errors(task):
+            self.events.notification_requested(task, reason, trigger="error")
         destination = _move(ws.folder, self.paths.error, lock)
         self.events.moved(task, ws.folder, destination, "error")
         return Outcome.ERROR
 
 
-def restart_task(paths: SpoolPaths, task_id: str) -> Path:
+def restart_task(paths: SpoolPaths, task_id: str, events: ProcessEvents | None = None) -> Path:
     """Process a task of ``error/`` again (the GUI's "restart"): clear its failure and attempt
-    counts and move it back to ``processing/``, where its untouched ``input/`` is run again."""
+    counts and move it back to ``processing/``, where its untouched ``input/`` is run again.
+    Raises :class:`TaskError` for a task that did not fail in processing."""
     folder = paths.error / task_id
     lock = SpoolLock(folder / Marker.PROCESSING, SERVICE)
     lock.acquire()
     try:
         task = read_task(folder / Marker.TASK)
         info = task.info
+        if info.fail_stage != "PROCESSING" or not task.processing_steps:
+            raise TaskError(
+                f"task {task_id} failed in {info.fail_stage or 'no known stage'}, "
+                "not in processing: the processor cannot restart it"
+            )
         info.fail_stage = None
         info.fail_reason = None
         info.process_failures = 0
@@ -413,7 +460,10 @@ def restart_task(paths: SpoolPaths, task_id: str) -> Path:
         write_task(folder / Marker.TASK, task)
         workspace.remove_tree(folder / workspace.RUN)
         workspace.remove_tree(folder / workspace.RESULT)
-        return _move(folder, paths.processing, lock)
+        destination = _move(folder, paths.processing, lock)
+        if events is not None:
+            events.restarted(task)
+        return destination
     finally:
         lock.release()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 
 from common import exitcodes
 from common.config import load_config, resolve_config_path
@@ -42,6 +43,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.once:
             return service.once()
         service.install_signal_handlers()
-        return service.run()
+        code = service.run()
     finally:
         events.close()
+    if code == exitcodes.EX_INTERRUPTED:
+        # A worker may still be inside a Docker call: leave without joining it.
+        logging.shutdown()
+        os._exit(code)
+    return code

@@ -29,6 +29,7 @@ from common.task import Task, TaskDispatch
 
 ROUTING_KEY: Final = "__mercure_routing"
 NOTIFICATION_KEY: Final = "__mercure_notification"
+KNOWN_KEYS: Final = frozenset({"target", "discard", "use_alternate_target"})
 
 
 @dataclass
@@ -72,6 +73,9 @@ def _apply_request(
     if not isinstance(request, dict):
         ignored.append(f"{ROUTING_KEY} ignored: must be an object, not {type(request).__name__}")
         return False
+    unknown = sorted(set(request) - KNOWN_KEYS)
+    if unknown:
+        ignored.append(f"{ROUTING_KEY}: unknown keys ignored: {', '.join(map(repr, unknown))}")
     if request.get("discard") is True:
         return True
     if request.get("use_alternate_target") is True:
@@ -85,22 +89,30 @@ def _apply_request(
             )
         return False
     if "target" in request:
-        wanted = request["target"]
-        names = [wanted] if isinstance(wanted, str) else wanted
-        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-            ignored.append(f"{ROUTING_KEY}: target must be a name or a list of names")
-            return False
-        allowed = set(rule.dynamic_routing_allowed_targets)
-        accepted = [n for n in dict.fromkeys(names) if n in allowed and n in config.targets]
-        refused = [n for n in dict.fromkeys(names) if n not in accepted]
-        if refused:
-            ignored.append(
-                f"{ROUTING_KEY}: targets {', '.join(repr(n) for n in refused)} refused "
-                f"(not in rule {name!r}'s dynamic_routing_allowed_targets or not configured)"
-            )
-        if accepted:
-            _set_targets(task, accepted)
+        _apply_targets(task, rule, request["target"], config, ignored)
     return False
+
+
+def _apply_targets(task: Task, rule: Rule, wanted: Any, config: Config, ignored: list[str]) -> None:
+    """``{"target": ...}``: the allowed, configured names replace the rule's targets."""
+    name = task.info.applied_rule or ""
+    names = [wanted] if isinstance(wanted, str) else wanted
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        ignored.append(f"{ROUTING_KEY}: target must be a name or a list of names")
+        return
+    if not names:
+        ignored.append(f"{ROUTING_KEY}: target is empty; the rule's targets stay")
+        return
+    allowed = set(rule.dynamic_routing_allowed_targets)
+    accepted = [n for n in dict.fromkeys(names) if n in allowed and n in config.targets]
+    refused = [n for n in dict.fromkeys(names) if n not in accepted]
+    if refused:
+        ignored.append(
+            f"{ROUTING_KEY}: targets {', '.join(repr(n) for n in refused)} refused "
+            f"(not in rule {name!r}'s dynamic_routing_allowed_targets or not configured)"
+        )
+    if accepted:
+        _set_targets(task, accepted)
 
 
 def _set_targets(task: Task, targets: list[str]) -> None:

@@ -36,6 +36,7 @@ import requests.exceptions
 from docker.models.containers import Container
 
 from common.config import Module
+from common.spool import LockOwner
 from processor.settings import ProcessorSettings
 
 logger = logging.getLogger(__name__)
@@ -47,6 +48,9 @@ PERSISTENCE_DIR: Final = "/tmp/persistence"  # noqa: S108 - inside the container
 LABEL_SERVICE: Final = "org.caduceus.service"
 LABEL_TASK: Final = "org.caduceus.task"
 LABEL_STEP: Final = "org.caduceus.step"
+LABEL_OWNER: Final = "org.caduceus.owner"
+"""The processor process that runs the container (:class:`~common.spool.LockOwner` JSON):
+a container whose owner is dead is an orphan, removed at the next start."""
 
 ALLOWED_DOCKER_ARGUMENTS: Final = frozenset(
     {
@@ -96,6 +100,9 @@ class RunFailure(Exception):
 
 class ModuleFailure(RunFailure):
     """The module failed: non-zero exit code, timeout, unusable output."""
+
+    step: int = 0
+    """The index of the failing step in the chain."""
 
 
 class EngineFailure(RunFailure):
@@ -166,6 +173,30 @@ def _probe_socket(where: str) -> None:
             raise OSError(f"{exc.strerror or exc}") from None
 
 
+def remove_orphans(client: docker.DockerClient) -> int:
+    """Remove processor containers whose owning processor process is dead (killed while the
+    module ran); the number removed. Containers of live processors, here or on other hosts
+    sharing the engine, are left alone."""
+    try:
+        found = client.containers.list(all=True, filters={"label": f"{LABEL_SERVICE}=processor"})
+    except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+        raise EngineFailure(f"cannot list containers: {_short(exc)}") from None
+    removed = 0
+    for container in found:
+        raw = (container.labels or {}).get(LABEL_OWNER, "")
+        owner = LockOwner.from_json(raw.encode())
+        if owner is not None and owner.is_alive():
+            continue
+        logger.warning(
+            "removing orphaned container %s (task %s)",
+            container.short_id,
+            (container.labels or {}).get(LABEL_TASK, "?"),
+        )
+        _remove(container)
+        removed += 1
+    return removed
+
+
 def remove_task_containers(client: docker.DockerClient, task_id: str) -> int:
     """Remove every container labelled with ``task_id`` (left by a processor killed mid-run);
     the number removed."""
@@ -188,6 +219,7 @@ class ContainerRunner:
         self.client = client
         self.settings = settings
         self.cancel = cancel
+        self.owner = LockOwner.me("processor").to_json().decode()
 
     def run(self, spec: StepSpec) -> StepRun:
         """Run the step's container to its end; raises a :class:`RunFailure` or
@@ -259,6 +291,7 @@ class ContainerRunner:
             "MONAI_OUTPUTPATH": OUT_DIR,
             "HOLOSCAN_INPUT_PATH": IN_DIR,
             "HOLOSCAN_OUTPUT_PATH": OUT_DIR,
+            "CADUCEUS_MODULE_NAME": spec.module_name,
         }
         volumes: dict[str, dict[str, str]] = {
             str(spec.in_dir): {"bind": IN_DIR, "mode": "ro"},
@@ -299,6 +332,7 @@ class ContainerRunner:
                 LABEL_SERVICE: "processor",
                 LABEL_TASK: spec.task_id,
                 LABEL_STEP: str(spec.index),
+                LABEL_OWNER: self.owner,
             }
         )
         return kwargs

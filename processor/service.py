@@ -34,7 +34,7 @@ from dispatcher.queue import Scheduler, TaskCache
 from processor.events import ProcessEvents
 from processor.execute import Outcome, ProcessRunner
 from processor.queue import scan
-from processor.runtime import EngineFailure, connect
+from processor.runtime import EngineFailure, connect, remove_orphans
 from processor.settings import ProcessorSettings
 
 logger = logging.getLogger(__name__)
@@ -110,12 +110,20 @@ class ProcessorService:
             self._close()
 
     def _check_engine(self) -> None:
-        """Say at start when the Docker engine cannot be reached (tasks then wait for it)."""
+        """Say at start when the Docker engine cannot be reached (tasks then wait for it);
+        remove the containers of processors that were killed while a module ran."""
         try:
-            connect(self.settings).close()
+            client = connect(self.settings)
         except EngineFailure as exc:
             logger.warning("%s; processing tasks will be retried until it is back", exc)
             self.events.engine_unreachable(str(exc))
+            return
+        try:
+            remove_orphans(client)
+        except EngineFailure as exc:
+            logger.warning("%s", exc)
+        finally:
+            client.close()
 
     def once(self) -> int:
         """Process every task that is ready now; ``EX_OK`` when nothing is ready or running."""

@@ -96,7 +96,13 @@ class Workspace:
         in_dir.mkdir(parents=True)
         for entry in os.scandir(self.input):
             if entry.is_file():
+                # Readable by the module's user whatever the umask was (hard links share the
+                # mode; the mount is read-only, so nobody can write through it).
+                mode = entry.stat().st_mode
+                if mode & 0o444 != 0o444:
+                    os.chmod(entry.path, mode | 0o444)
                 os.link(entry.path, in_dir / entry.name)
+        os.chmod(in_dir, 0o755)  # noqa: S103 - the module's user reads, nobody writes
 
     def retain_input(self, out_dir: Path) -> None:
         """``retain_input_images``: the received files beside the module's output (an output

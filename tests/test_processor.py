@@ -3,19 +3,26 @@ timeouts, dynamic routing, safety defaults, recovery (``docs/processor.md``)."""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import docker
+import docker.errors
 import pytest
 
 from common.config import Config
 from common.outbox import Outbox
+from common.spool import LockOwner
 from processor.events import ProcessEvents
 from processor.execute import Outcome, restart_task
+from processor.runtime import LABEL_OWNER, LABEL_SERVICE, LABEL_TASK
 from processor.service import ProcessorService
 from tests.helpers import wait_until
 from tests.processor_helpers import (
@@ -207,12 +214,18 @@ def test_failed_task_restarts_from_its_untouched_input(tmp_path: Path) -> None:
     data["process"]["settings"] = {}  # the admin fixed the rule's settings
     task_path.write_text(json.dumps(data))
 
-    restart_task(paths, "t8")
+    restart_task(
+        paths,
+        "t8",
+        ProcessEvents(Outbox(paths.state / "outbox" / "processor.sqlite3", "processor")),
+    )
     good = processor_config(tmp_path, modules={"m": module(EXAMPLE)})
     assert run_once(good) == [("t8", Outcome.SUCCESS)]
 
     assert len(dicom_names(paths.success / "t8")) == 3
     assert finished_task(paths.success / "t8").info.fail_stage is None
+    assert finished_task(paths.success / "t8").info.fail_reason is None
+    assert "PROCESS_RESTART" in task_events(processor_events(good))
 
 
 def test_module_retries_run_it_again_before_giving_up(tmp_path: Path) -> None:
@@ -294,6 +307,10 @@ def test_unreachable_engine_is_retried_then_reported(tmp_path: Path) -> None:
             "module 'm': additional_volumes '/etc' is outside the allowed roots",
         ),
         ({"requires_root": True}, "module 'm' requires root, but support_root_modules is off"),
+        (
+            {"requires_persistence": True, "persistence_folder_name": "../../etc"},
+            "module 'm': persistence_folder_name '../../etc' must be a plain folder name",
+        ),
     ],
 )
 def test_unsafe_module_settings_fail_the_task_naming_the_setting(
@@ -431,6 +448,25 @@ def test_refused_dynamic_targets_are_reported(tmp_path: Path) -> None:
     assert len(ignored) == 1 and "'other'" in ignored[0].payload["reason"]
 
 
+def test_unknown_routing_keys_are_reported_not_silently_dropped(tmp_path: Path) -> None:
+    config = routing_config(tmp_path, dynamic_routing=True, dynamic_routing_allowed_targets=["ai"])
+    make_task(
+        config,
+        "t22",
+        ["m"],
+        targets=["pacs"],
+        settings=[{"result": {"__mercure_routing": {"targets": ["ai"]}}}],
+    )
+
+    run_once(config)
+
+    ignored = [e for e in processor_events(config) if e.kind == "dynamic_routing_ignored"]
+    assert [e.payload["reason"] for e in ignored] == [
+        "__mercure_routing: unknown keys ignored: 'targets'"
+    ]
+    assert finished_task(config.spool_paths().outgoing / "t22").dispatch.target_name == ["pacs"]  # type: ignore[union-attr]
+
+
 def test_module_requested_notification_is_recorded(tmp_path: Path) -> None:
     config = processor_config(
         tmp_path,
@@ -505,6 +541,39 @@ def test_processor_killed_while_a_container_runs_recovers_the_task(
     assert "lock_recovered" in kinds(events)
 
 
+def test_a_container_of_a_dead_processor_is_removed_when_a_processor_starts(
+    tmp_path: Path, docker_client: docker.DockerClient
+) -> None:
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    owner = dataclasses.replace(LockOwner.me("processor"), pid=dead.pid, started=1.0)
+    orphan = docker_client.containers.run(
+        EXAMPLE,
+        detach=True,
+        network_mode="none",
+        labels={
+            LABEL_SERVICE: "processor",
+            LABEL_TASK: "orphan-task",
+            LABEL_OWNER: owner.to_json().decode(),
+        },
+        environment={"MERCURE_IN_DIR": "/nonexistent"},
+        entrypoint=["python3", "-c", "import time; time.sleep(300)"],
+    )
+    config = processor_config(tmp_path, modules={})
+    proc = start_processor(write_config(tmp_path / "c.json", config), tmp_path / "p.log")
+    try:
+        wait_until(
+            lambda: containers_of(docker_client, "orphan-task") == [],
+            timeout=60,
+            what="the orphan to be removed",
+        )
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+        with contextlib.suppress(docker.errors.NotFound):
+            orphan.remove(force=True)
+
+
 def test_sigterm_kills_the_running_module_and_leaves_the_task_to_run_again(
     tmp_path: Path, docker_client: docker.DockerClient
 ) -> None:
@@ -536,7 +605,9 @@ def test_missing_image_is_pulled_only_when_asked_and_a_pull_failure_is_named(
     tmp_path: Path,
 ) -> None:
     tag = "127.0.0.1:9/caduceus-test/unreachable:1.0"  # a registry nobody serves
-    config = processor_config(tmp_path, processing_pull_images=True, modules={"m": module(tag)})
+    config = processor_config(
+        tmp_path, processing_pull_images=True, processing_retry_max=1, modules={"m": module(tag)}
+    )
     make_task(config, "t21", ["m"])
 
     assert run_once(config) == [("t21", Outcome.ERROR)]
