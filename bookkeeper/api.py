@@ -159,6 +159,21 @@ def _retryable(exc: OperationalError) -> bool:
     return getattr(exc.orig, "pgcode", None) in _RETRYABLE_PGCODES
 
 
+def store_body(engine: Engine, body: bytes, max_batch: int) -> IngestResult:
+    """Parse a ``POST /v1/events`` body and store it in one transaction (retried when
+    PostgreSQL aborts it as a deadlock or serialisation failure)."""
+    events, payloads = parse_batch(body, max_batch)
+    for attempt in range(1, RETRIES + 1):
+        try:
+            with engine.begin() as conn:
+                return ingest(conn, events, payloads)
+        except OperationalError as exc:
+            if attempt == RETRIES or not _retryable(exc):
+                raise
+            logger.warning("ingest attempt %d aborted (%s); retrying", attempt, exc.orig)
+    raise AssertionError("unreachable")
+
+
 def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     """The bookkeeper's ASGI app, on ``engine`` (default: one for ``settings.database_url``).
 
@@ -192,17 +207,6 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         responses={401: {"model": Message}, 422: {"model": ValidationProblem}},
     )
 
-    def store(events: list[Envelope], payloads: dict[int, _Payload]) -> IngestResult:
-        for attempt in range(1, RETRIES + 1):
-            try:
-                with engine.begin() as conn:
-                    return ingest(conn, events, payloads)
-            except OperationalError as exc:
-                if attempt == RETRIES or not _retryable(exc):
-                    raise
-                logger.warning("ingest attempt %d aborted (%s); retrying", attempt, exc.orig)
-        raise AssertionError("unreachable")
-
     @api.post(
         "/events",
         response_model=IngestResult,
@@ -219,8 +223,9 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         """Stores every event whose ``id`` is new, all or nothing. ``stored`` counts the new
         ones, ``duplicates`` those already stored (or repeated in the batch)."""
         body = await _read_body(request, settings.max_body_bytes)
-        events, payloads = parse_batch(body, settings.max_batch)
-        result = await run_in_threadpool(store, events, payloads)
+        # Parsed in the thread too: a big batch takes tens of milliseconds of CPU, which would
+        # stall every other request on the event loop meanwhile.
+        result = await run_in_threadpool(store_body, engine, body, settings.max_batch)
         logger.debug("stored %d events, %d duplicates", result.stored, result.duplicates)
         return result
 

@@ -11,7 +11,8 @@ rows go through one ``executemany`` of plain tuples.
 
 Values are encoded here exactly as the models' column types would bind them: times as UTC
 (``timestamptz`` on PostgreSQL, SQLAlchemy's naive UTC text on SQLite), JSON columns as compact
-JSON text (:class:`JsonText` is JSON already serialised), ``None`` as NULL.
+JSON text (a :class:`bookkeeper.payloads.CheckedPayload` as the text it was checked as), ``None``
+as NULL.
 """
 
 from __future__ import annotations
@@ -35,16 +36,13 @@ from sqlalchemy import (
 from sqlalchemy.types import TypeDecorator, TypeEngine
 
 from bookkeeper.db import to_json
+from bookkeeper.payloads import CheckedPayload
 
 STAGE_PREFIX: Final = "bk_stage_"
 ORDINAL: Final = "bk_n"
 """Column of a staging table that keeps the rows in the order they were given."""
 _NULL: Final = "\\N"
 """NULL in COPY's text format."""
-
-
-class JsonText(str):
-    """A JSON value already serialised (with :func:`bookkeeper.db.to_json`), stored as is."""
 
 
 def _kind(table_: Table, name: str) -> type[TypeEngine[Any]]:
@@ -67,7 +65,7 @@ def _escape(text: str) -> str:
 
 
 def _json(value: Any) -> str:
-    return value if isinstance(value, JsonText) else to_json(value)
+    return value.json_text if type(value) is CheckedPayload else to_json(value)
 
 
 def _sqlite_time(value: datetime) -> str:
@@ -84,7 +82,18 @@ def _copy_encoder(kind: type[TypeEngine[Any]]) -> Callable[[Any], str]:
     if kind is JSON:
         return lambda value: _NULL if value is None else _escape(_json(value))
     if kind is DateTime:
-        return lambda value: _NULL if value is None else value.isoformat()
+        # Many rows of a batch share a time (an event's, in its projections; stored_at).
+        texts: dict[datetime, str] = {}
+
+        def time_text(value: datetime | None) -> str:
+            if value is None:
+                return _NULL
+            text = texts.get(value)
+            if text is None:
+                text = texts[value] = value.isoformat()
+            return text
+
+        return time_text
     if kind is Integer:
         return lambda value: _NULL if value is None else str(value)
     return lambda value: _NULL if value is None else _escape(value)

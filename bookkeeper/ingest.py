@@ -5,10 +5,11 @@ and projects only the events that this call inserted. A resent event (or one sen
 batch) is therefore stored once and counted once, also when two batches race (PostgreSQL makes
 the second insert of an id wait for the first transaction, then skip it).
 
-Projections, in this order: ``series_received`` (series, receptions), ``task_update`` and
-every task id that an event names (tasks), ``task_event``, ``module_log``, ``module_output``,
-``system_event`` and ``outbox_overflow`` (system events), ``audit_event``, ``config_version``,
-the series status, and the hourly statistics counters.
+Projections, in this order: ``task_update`` and every task id that an event names (tasks),
+``series_received`` (series, created with the status their tasks give them; receptions),
+``task_event``, ``module_log``, ``module_output``, ``system_event`` and ``outbox_overflow``
+(system events), ``audit_event``, ``config_version``, the status of series stored before, and
+the hourly and daily statistics counters. Rows are written in bulk (:mod:`bookkeeper.bulk`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from sqlalchemy import Connection
 
 from bookkeeper import bulk
 from bookkeeper.batch import Batch, insert_staged, table_of, write_stats
-from bookkeeper.db import to_json
 from bookkeeper.models import (
     ERROR_SEVERITIES,
     AuditEvent,
@@ -35,7 +35,6 @@ from bookkeeper.models import (
 )
 from bookkeeper.payloads import (
     AuditEventPayload,
-    CheckedPayload,
     ConfigVersionPayload,
     Envelope,
     IngestResult,
@@ -71,7 +70,7 @@ def ingest(
             "kind": events[number].kind,
             "time": events[number].time,
             "stored_at": stored_at,
-            "payload": _json_text(events[number].payload),
+            "payload": events[number].payload,  # a CheckedPayload: stored as checked
         }
         for number in first.values()
     ]
@@ -166,13 +165,6 @@ def _project(batch: Batch, new: list[tuple[Envelope, _Payload]]) -> None:
     )
     project_series_status(batch)
     write_stats(batch)
-
-
-def _json_text(payload: dict[str, Any]) -> bulk.JsonText:
-    """The payload's JSON, serialised when it was checked (:class:`CheckedPayload`)."""
-    if isinstance(payload, CheckedPayload):
-        return bulk.JsonText(payload.json_text)
-    return bulk.JsonText(to_json(payload))
 
 
 def content_hash(content: dict[str, Any]) -> str:

@@ -177,6 +177,8 @@ class Series(Base):
         Index(None, "status", "last_received_at"),
         # Serves name prefix searches (as a range), sorting by name, and name cursors.
         Index(None, "patient_name_search", "id"),
+        # Serves a name prefix, newest first: SQLite reads the page off it, not every match.
+        Index(None, "patient_name_search", "last_received_at"),
     )
 
 

@@ -22,7 +22,7 @@ from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from bookkeeper.models import Series, Task
 from bookkeeper.project_series import search_name
-from bookkeeper.queries import QueryText, QueryTime
+from bookkeeper.queries import QueryText, QueryTime, assume_utc
 from bookkeeper.views import SeriesPage, SeriesSummary
 
 SortField = Literal[
@@ -79,22 +79,31 @@ class Cursor:
             sort, order, value, id_ = json.loads(base64.urlsafe_b64decode(padded))
         except (ValueError, TypeError, binascii.Error):
             raise ValueError("not a cursor of this API") from None
-        if sort not in SORTABLE or order not in ("asc", "desc") or type(id_) is not int:
+        known = isinstance(sort, str) and sort in SORTABLE and order in ("asc", "desc")
+        if not known or not _int64(id_):
             raise ValueError("not a cursor of this API")
         return cls(sort, order, _sort_value(sort, value), id_)
 
 
+def _int64(value: Any) -> bool:
+    return type(value) is int and -(2**63) <= value < 2**63
+
+
 def _sort_value(sort: str, value: Any) -> str | int | datetime | None:
-    """The sort value a cursor holds, as the sort column's type (ValueError if it is not)."""
+    """The sort value a cursor holds, as the sort column's type (ValueError if it is not).
+
+    Anything the database could not compare is refused here, so that a forged cursor is a 422
+    and never a database error.
+    """
     if sort in TIME_SORTS and isinstance(value, str):
         try:
-            return datetime.fromisoformat(value)
+            return assume_utc(datetime.fromisoformat(value))
         except ValueError:
             pass
-    elif sort == "instance_count" and type(value) is int:
-        return value
+    elif sort == "instance_count" and _int64(value):
+        return value  # type: ignore[no-any-return]
     elif sort not in TIME_SORTS and sort != "instance_count":
-        text_value = isinstance(value, str)
+        text_value = isinstance(value, str) and "\x00" not in value
         if text_value or (value is None and sort not in NOT_NULL_SORTS):
             return value  # type: ignore[no-any-return]
     raise ValueError("not a cursor of this API")

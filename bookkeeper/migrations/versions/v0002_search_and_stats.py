@@ -14,7 +14,8 @@ Create Date: 2026-11-22
   point already), and one index on ``(patient_name_search, id)`` replaces the
   ``text_pattern_ops`` one: it serves prefix searches (as a range), ``ORDER BY`` name, and
   cursors, where the pattern index served only ``LIKE``. Sorting by name is now in code point
-  order on both databases.
+  order on both databases. A second one, ``(patient_name_search, last_received_at)``, lets
+  SQLite answer "name prefix, newest first" from the index instead of sorting every match.
 - PostgreSQL samples ``patient_name_search`` ten times more (statistics target 1000), so that
   the planner estimates how many names *contain* a text and picks the trigram index or the
   newest-first scan accordingly (with the default it guessed 100 rows for 5,000 and read them
@@ -72,6 +73,11 @@ def upgrade() -> None:
         )
     op.drop_index("ix_series_patient_name_search", "series")
     op.create_index("ix_series_patient_name_search_id", "series", ["patient_name_search", "id"])
+    op.create_index(
+        "ix_series_patient_name_search_last_received_at",
+        "series",
+        ["patient_name_search", "last_received_at"],
+    )
     if postgresql:
         _create_trigram_index()
 
@@ -94,6 +100,7 @@ def _create_trigram_index() -> None:
 
 def downgrade() -> None:
     postgresql = op.get_bind().dialect.name == "postgresql"
+    op.drop_index("ix_series_patient_name_search_last_received_at", "series")
     op.drop_index("ix_series_patient_name_search_id", "series")
     op.create_index(
         "ix_series_patient_name_search",
