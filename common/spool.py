@@ -29,6 +29,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
 from types import TracebackType
@@ -401,3 +402,27 @@ def free_bytes(path: Path) -> int:
 
 def is_disk_full(exc: OSError) -> bool:
     return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def unique_destination(root: Path, name: str) -> Path:
+    """``root/name``, or, when that is taken, ``root/name_<UTC timestamp>`` (as mercure does)."""
+    root.mkdir(parents=True, exist_ok=True)
+    destination = root / name
+    if destination.exists():
+        stamp = datetime.now(UTC).strftime("%Y%m%d%H%M%S%f")
+        destination = root / f"{name}_{stamp}"
+    return destination
+
+
+def move_claimed(folder: Path, root: Path, lock: SpoolLock) -> Path:
+    """Rename the claimed task ``folder`` into ``root`` (see :func:`unique_destination`),
+    durably; the claim moves with the folder and ``lock`` is pointed at its new place, so that
+    releasing it removes it there and no other service can pick the task in between."""
+    destination = unique_destination(root, folder.name)
+    os.rename(folder, destination)
+    fsync_dir(root)
+    with contextlib.suppress(OSError):
+        fsync_dir(folder.parent)
+    # The lock file moved with the folder; release() removes it there (same inode).
+    lock.path = destination / Marker.PROCESSING
+    return destination

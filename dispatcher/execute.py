@@ -18,9 +18,7 @@ other dispatcher can pick the task between the decision and the move.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import threading
 import time
 from datetime import timedelta
@@ -29,7 +27,7 @@ from pathlib import Path
 
 from common.config import Config
 from common.errors import LockedError
-from common.spool import Marker, SpoolLock, SpoolPaths, atomic_write_bytes, fsync_dir
+from common.spool import Marker, SpoolLock, SpoolPaths, atomic_write_bytes, move_claimed
 from common.task import Task, TaskDispatch, TaskError, now_utc, read_task, write_task
 from dispatcher import status
 from dispatcher.events import DispatchEvents
@@ -93,7 +91,7 @@ class TaskRunner:
             return
         try:
             logger.error("task folder %s is broken, moving it to error/: %s", folder.name, reason)
-            destination = self._move(folder, self.paths.error, lock)
+            destination = move_claimed(folder, self.paths.error, lock)
             atomic_write_bytes(destination / Marker.ERROR, f"DISPATCHING: {reason}\n".encode())
         finally:
             lock.release()
@@ -109,7 +107,7 @@ class TaskRunner:
         except TaskError as exc:
             if not folder.exists():
                 return Outcome.BUSY
-            destination = self._move(folder, self.paths.error, lock)
+            destination = move_claimed(folder, self.paths.error, lock)
             atomic_write_bytes(destination / Marker.ERROR, f"DISPATCHING: {exc}\n".encode())
             return Outcome.ERROR
         dispatch = task.dispatch if task.dispatch is not None else TaskDispatch()
@@ -206,7 +204,7 @@ class TaskRunner:
         if not failed:
             dispatch.next_retry_at = None
             write_task(folder / Marker.TASK, task)
-            destination = self._move(folder, self.paths.success, lock)
+            destination = move_claimed(folder, self.paths.success, lock)
             self.events.moved(task, folder, destination)
             return Outcome.SUCCESS
         if self.cancel.is_set():
@@ -243,27 +241,9 @@ class TaskRunner:
         write_task(folder / Marker.TASK, task)
         logger.error("task %s failed: %s", task.id, reason, extra={"task_id": task.id})
         self.events.failed(task, reason, attempt)
-        destination = self._move(folder, self.paths.error, lock)
+        destination = move_claimed(folder, self.paths.error, lock)
         self.events.moved(task, folder, destination)
         return Outcome.ERROR
-
-    # ------------------------------------------------------------------ moves
-
-    @staticmethod
-    def _move(folder: Path, root: Path, lock: SpoolLock) -> Path:
-        """Rename ``folder`` into ``root`` (a timestamp suffix if the name is taken, as mercure
-        does) and remove the claim at its new place."""
-        root.mkdir(parents=True, exist_ok=True)
-        destination = root / folder.name
-        if destination.exists():
-            destination = root / f"{folder.name}_{now_utc().strftime('%Y%m%d%H%M%S%f')}"
-        os.rename(folder, destination)
-        fsync_dir(root)
-        with contextlib.suppress(OSError):
-            fsync_dir(folder.parent)
-        # The lock file moved with the folder; release() removes it there (same inode).
-        lock.path = destination / Marker.PROCESSING
-        return destination
 
 
 def restart_task(paths: SpoolPaths, task_id: str) -> Path:
@@ -280,6 +260,6 @@ def restart_task(paths: SpoolPaths, task_id: str) -> Path:
         task.info.fail_stage = None
         task.info.fail_reason = None
         write_task(folder / Marker.TASK, task)
-        return TaskRunner._move(folder, paths.outgoing, lock)
+        return move_claimed(folder, paths.outgoing, lock)
     finally:
         lock.release()

@@ -42,6 +42,8 @@ from common.spool import (
     atomic_write_bytes,
     atomic_write_json,
     fsync_dir,
+    move_claimed,
+    unique_destination,
 )
 from common.task import Task, TaskError, TaskProcessing, now_utc, read_task, write_task
 from processor import workspace
@@ -134,7 +136,7 @@ class ProcessRunner:
             return
         try:
             logger.error("task folder %s is broken, moving it to error/: %s", folder.name, reason)
-            destination = _move(folder, self.paths.error, lock)
+            destination = move_claimed(folder, self.paths.error, lock)
             atomic_write_bytes(destination / Marker.ERROR, f"PROCESSING: {reason}\n".encode())
         finally:
             lock.release()
@@ -168,7 +170,7 @@ class ProcessRunner:
         except TaskError as exc:
             if not ws.folder.exists():
                 return Outcome.BUSY
-            destination = _move(ws.folder, self.paths.error, lock)
+            destination = move_claimed(ws.folder, self.paths.error, lock)
             atomic_write_bytes(destination / Marker.ERROR, f"PROCESSING: {exc}\n".encode())
             return Outcome.ERROR
 
@@ -360,7 +362,7 @@ class ProcessRunner:
         if ws.result.exists():
             if task is None:
                 task = read_task(ws.result / Marker.TASK, report=False)
-            destination = _unique(root, ws.folder.name)
+            destination = unique_destination(root, ws.folder.name)
             # Recorded before the rename: a crash after it is completed by the next processor,
             # which then finds no result/ (and must not record the move twice).
             status = {"outgoing": "processed", "discard": "discarded"}.get(folder_name, "complete")
@@ -432,7 +434,7 @@ class ProcessRunner:
         self.events.failed(task, reason)
         if self._notifies_errors(task):
             self.events.notification_requested(task, reason, trigger="error")
-        destination = _move(ws.folder, self.paths.error, lock)
+        destination = move_claimed(ws.folder, self.paths.error, lock)
         self.events.moved(task, ws.folder, destination, "error")
         return Outcome.ERROR
 
@@ -460,7 +462,7 @@ def restart_task(paths: SpoolPaths, task_id: str, events: ProcessEvents | None =
         write_task(folder / Marker.TASK, task)
         workspace.remove_tree(folder / workspace.RUN)
         workspace.remove_tree(folder / workspace.RESULT)
-        destination = _move(folder, paths.processing, lock)
+        destination = move_claimed(folder, paths.processing, lock)
         if events is not None:
             events.restarted(task)
         return destination
@@ -504,23 +506,3 @@ def _spool_folder(paths: SpoolPaths, name: str) -> Path:
         "discard": paths.discard,
     }
     return folders[name]
-
-
-def _unique(root: Path, name: str) -> Path:
-    root.mkdir(parents=True, exist_ok=True)
-    destination = root / name
-    if destination.exists():
-        destination = root / f"{name}_{now_utc().strftime('%Y%m%d%H%M%S%f')}"
-    return destination
-
-
-def _move(folder: Path, root: Path, lock: SpoolLock) -> Path:
-    """Rename ``folder`` into ``root`` (a timestamp suffix if the name is taken, as mercure
-    does); the claim moves with it and is released there."""
-    destination = _unique(root, folder.name)
-    os.rename(folder, destination)
-    fsync_dir(root)
-    with contextlib.suppress(OSError):
-        fsync_dir(folder.parent)
-    lock.path = destination / Marker.PROCESSING
-    return destination

@@ -30,7 +30,7 @@ from common.config import Config, load_config
 from common.errors import ConfigError
 from common.spool import SpoolPaths, is_halted
 from common.task import now_utc
-from dispatcher.queue import Scheduler, TaskCache
+from common.task_queue import Scheduler, TaskCache
 from processor.events import ProcessEvents
 from processor.execute import Outcome, ProcessRunner
 from processor.queue import scan

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from common.config import Config
 from common.task import now_utc, read_task, write_task
-from dispatcher.queue import BROKEN_GRACE, Scheduler, TaskCache
+from common.task_queue import BROKEN_GRACE, Scheduler, TaskCache
 from processor.queue import scan
 from processor.workspace import FINISHED
 from tests.processor_helpers import make_task, module, processor_config
