@@ -23,74 +23,30 @@ import io
 import logging
 import os
 import socket
-import struct
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final, Protocol
+from typing import Final
 
 from pydicom.uid import UID
-from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
-from pynetdicom.pdu_primitives import (
-    A_ASSOCIATE,
-    ImplementationClassUIDNotification,
-    ImplementationVersionNameNotification,
-    MaximumLengthNotification,
-)
+from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ
+from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
 from pynetdicom.presentation import PresentationContext
 
 from dispatcher.settings import DispatcherSettings
-from dispatcher.targets import dimse
+from dispatcher.targets import dimse, pdu
 from dispatcher.targets.association import Peer, connect_problem, rejection_text
-from receiver.storage import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 
 logger = logging.getLogger(__name__)
 
-# PDU types (PS3.8 9.3.1).
-A_ASSOCIATE_RQ_TYPE: Final = 0x01
-A_ASSOCIATE_AC_TYPE: Final = 0x02
-A_ASSOCIATE_RJ_TYPE: Final = 0x03
-P_DATA_TF_TYPE: Final = 0x04
-A_RELEASE_RQ_TYPE: Final = 0x05
-A_RELEASE_RP_TYPE: Final = 0x06
-A_ABORT_TYPE: Final = 0x07
-
-APPLICATION_CONTEXT: Final = UID("1.2.840.10008.3.1.1.1")
-"""The DICOM Application Context Name (PS3.7 A.2.1)."""
-RECEIVE_PDU: Final = 16384
-"""Largest PDU the dispatcher accepts (A-ASSOCIATE-RQ Maximum Length, PS3.8 D.1): it only
-receives responses of about 200 bytes."""
-MAX_INCOMING_PDU: Final = 1 << 20
-"""A PDU from the peer larger than this is a protocol error (protects memory)."""
 UNLIMITED_PDU: Final = 1 << 24
 """PDU size when neither the peer nor ``dispatcher_max_pdu`` limits it (streamed all the same)."""
 STREAM_CHUNK: Final = 1 << 18
 """Bytes read from a file and sent per socket call; larger PDUs are streamed in such pieces."""
-PDV_OVERHEAD: Final = 6
-"""Bytes of a PDV item that are not fragment: item length (4), context id, control header."""
-
-_PDU_HEADER: Final = struct.Struct(">BxI")
-_PDV_HEADER: Final = struct.Struct(">IBB")
-_P_DATA_HEADER_SIZE: Final = _PDU_HEADER.size + _PDV_HEADER.size
-_COMMAND: Final = 0x01
-_LAST: Final = 0x02
-"""Message Control Header bits (PS3.8 E.2)."""
-_RELEASE_RQ: Final = _PDU_HEADER.pack(A_RELEASE_RQ_TYPE, 4) + b"\x00" * 4
-_ABORT: Final = _PDU_HEADER.pack(A_ABORT_TYPE, 4) + b"\x00\x00\x00\x00"
-"""A-ABORT, source 0 (service user), reason 0 (PS3.8 9.3.8)."""
 _MSG_MORE: Final = getattr(socket, "MSG_MORE", 0)
 """Linux: hold a small send back until the next one fills the segment (with TCP_NODELAY on, the
 command PDU would otherwise leave as a segment of its own)."""
-_ABORT_SOURCE: Final = {0: "service user", 2: "service provider"}
-_ABORT_REASON: Final = {
-    0: "reason not specified",
-    1: "unrecognized PDU",
-    2: "unexpected PDU",
-    4: "unrecognized PDU parameter",
-    5: "unexpected PDU parameter",
-    6: "invalid PDU parameter value",
-}
 
 
 class AssociationRefused(Exception):
@@ -147,14 +103,20 @@ class ScuAssociation:
         """Connect and negotiate; :class:`AssociationRefused` with a precise reason."""
         assoc = cls(_connect(peer, settings.connection_timeout), peer, settings)
         try:
-            assoc._negotiate(_numbered(contexts))
+            assoc._negotiate(pdu.numbered(contexts))
         except BaseException:
             assoc.close()
             raise
         return assoc
 
     def _negotiate(self, proposed: dict[int, PresentationContext]) -> None:
-        self._sendall(_associate_rq(self.peer, proposed))
+        try:
+            self._sendall(pdu.associate_rq(self.peer, proposed))
+        except OSError as exc:
+            raise AssociationRefused(
+                f"{self.peer} closed the connection before the association request "
+                f"({exc.strerror or exc})"
+            ) from None
         ac = self._negotiation_answer(time.monotonic() + self.settings.acse_timeout)
         for result in ac.presentation_context_definition_results_list:
             context_id = int(result.context_id or 0)
@@ -167,9 +129,9 @@ class ScuAssociation:
             if isinstance(item, MaximumLengthNotification):
                 self.peer_max_pdu = int(item.maximum_length_received or 0)
         limits = [size for size in (self.peer_max_pdu, self.settings.max_pdu) if size > 0]
-        self.max_fragment = (min(limits) if limits else UNLIMITED_PDU) - PDV_OVERHEAD
+        self.max_fragment = (min(limits) if limits else UNLIMITED_PDU) - pdu.PDV_OVERHEAD
         self.max_fragment -= self.max_fragment % 2  # fragments have even lengths (see _send)
-        self._buffer = bytearray(_P_DATA_HEADER_SIZE + min(self.max_fragment, STREAM_CHUNK))
+        self._buffer = bytearray(pdu.P_DATA_HEADER_SIZE + min(self.max_fragment, STREAM_CHUNK))
         self.established = True
 
     def _negotiation_answer(self, deadline: float) -> A_ASSOCIATE:
@@ -180,27 +142,33 @@ class ScuAssociation:
                 f"{self.peer} did not answer the association request within "
                 f"{self.settings.acse_timeout:g} s"
             ) from None
-        except (OSError, _PeerClosed, _ProtocolError):
+        except (OSError, _PeerClosed, pdu.ProtocolError):
             raise AssociationRefused(
                 f"{self.peer} aborted the association or closed the connection during negotiation"
             ) from None
-        raw = _PDU_HEADER.pack(pdu_type, len(body)) + body
-        if pdu_type == A_ASSOCIATE_AC_TYPE:
-            ac = A_ASSOCIATE_AC()
-            ac.decode(raw)
-            return ac.to_primitive()
-        if pdu_type == A_ASSOCIATE_RJ_TYPE:
+        raw = pdu.PDU_HEADER.pack(pdu_type, len(body)) + body
+        try:
+            if pdu_type == pdu.A_ASSOCIATE_AC_TYPE:
+                ac = A_ASSOCIATE_AC()
+                ac.decode(raw)
+                return ac.to_primitive()
             rj = A_ASSOCIATE_RJ()
-            rj.decode(raw)
+            if pdu_type == pdu.A_ASSOCIATE_RJ_TYPE:
+                rj.decode(raw)
+        except Exception as exc:  # pynetdicom raises assorted errors on a malformed PDU
+            raise AssociationRefused(
+                f"{self.peer} sent an undecodable answer to the association request: {exc}"
+            ) from None
+        if pdu_type == pdu.A_ASSOCIATE_RJ_TYPE:
             result, source, reason = (
                 int(rj.result or 0),
                 int(rj.source or 0),
                 int(rj.reason_diagnostic or 0),
             )
             raise AssociationRefused(rejection_text(self.peer, result, source, reason))
-        if pdu_type == A_ABORT_TYPE:
+        if pdu_type == pdu.A_ABORT_TYPE:
             raise AssociationRefused(
-                f"{self.peer} aborted the association during negotiation ({_abort_text(raw)})"
+                f"{self.peer} aborted the association during negotiation ({pdu.abort_text(raw)})"
             )
         raise AssociationRefused(
             f"{self.peer} answered the association request with PDU type 0x{pdu_type:02X}"
@@ -255,17 +223,17 @@ class ScuAssociation:
         :class:`AssociationLost`. The socket is closed either way."""
         deadline = time.monotonic() + self.settings.acse_timeout
         try:
-            self._sendall(_RELEASE_RQ)
+            self._sendall(pdu.RELEASE_RQ)
             pdu_type, _ = self._read_pdu(deadline)
         except TimeoutError:
             self.abort()
             raise AssociationLost(
                 f"no A-RELEASE-RP within {self.settings.acse_timeout:g} s: association aborted"
             ) from None
-        except (OSError, _PeerClosed, _ProtocolError) as exc:
+        except (OSError, _PeerClosed, pdu.ProtocolError) as exc:
             self.abort()
             raise AssociationLost(f"the release failed: {_describe(exc, self.settings)}") from None
-        if pdu_type != A_RELEASE_RP_TYPE:
+        if pdu_type != pdu.A_RELEASE_RP_TYPE:
             self.abort()
             raise AssociationLost(f"the peer answered A-RELEASE-RQ with PDU type 0x{pdu_type:02X}")
         self.established = False
@@ -276,7 +244,7 @@ class ScuAssociation:
         if self.established:
             self.established = False
             with contextlib.suppress(OSError):
-                self._sendall(_ABORT, timeout=1.0)
+                self._sendall(pdu.ABORT, timeout=1.0)
         self.close()
 
     def close(self) -> None:
@@ -294,7 +262,7 @@ class ScuAssociation:
         return self._message_id
 
     def _send(
-        self, context_id: int, command: bytes, source: _Source | None = None, size: int = 0
+        self, context_id: int, command: bytes, source: pdu.Source | None = None, size: int = 0
     ) -> None:
         """The command set, then (with ``source``) ``size`` bytes of data set, as P-DATA-TF
         PDUs. Any failure aborts the association: a half-sent message cannot be taken back."""
@@ -302,12 +270,12 @@ class ScuAssociation:
             # PDV fragments have even lengths (DCMTK aborts on an odd one). Only a deflated data
             # set can be odd; PS3.5 A.5 pads it with one trailing NULL byte, as pydicom does in
             # files (DCMTK's dcmconv +td does not).
-            source, size = _Padded(source), size + 1
+            source, size = pdu.Padded(source), size + 1
         try:
             self._send_command(context_id, command, more=source is not None)
             if source is not None:
                 self._send_dataset(context_id, source, size)
-        except _SourceFailed as exc:
+        except pdu.SourceFailed as exc:
             self.abort()
             raise AssociationLost(f"reading the file failed while it was sent: {exc}") from None
         except OSError as exc:
@@ -319,11 +287,11 @@ class ScuAssociation:
         parts = []
         for start in range(0, len(command), self.max_fragment):
             fragment = command[start : start + self.max_fragment]
-            control = _COMMAND | (_LAST if start + self.max_fragment >= len(command) else 0)
-            parts += [_p_data_header(context_id, len(fragment), control), fragment]
+            control = pdu.COMMAND | (pdu.LAST if start + self.max_fragment >= len(command) else 0)
+            parts += [pdu.p_data_header(context_id, len(fragment), control), fragment]
         self._sendall(b"".join(parts), _MSG_MORE if more else 0)
 
-    def _send_dataset(self, context_id: int, source: _Source, size: int) -> None:
+    def _send_dataset(self, context_id: int, source: pdu.Source, size: int) -> None:
         """``size`` bytes of ``source`` in PDUs of at most ``max_fragment`` bytes of data, each
         read into the buffer behind its headers and sent with one call (larger PDUs in pieces
         of the buffer's size)."""
@@ -332,13 +300,13 @@ class ScuAssociation:
         while True:
             fragment = min(remaining, self.max_fragment)
             remaining -= fragment
-            control = _LAST if remaining == 0 else 0
-            view[:_P_DATA_HEADER_SIZE] = _p_data_header(context_id, fragment, control)
-            start, left = _P_DATA_HEADER_SIZE, fragment
+            control = pdu.LAST if remaining == 0 else 0
+            view[: pdu.P_DATA_HEADER_SIZE] = pdu.p_data_header(context_id, fragment, control)
+            start, left = pdu.P_DATA_HEADER_SIZE, fragment
             while True:
                 piece = min(left, len(view) - start)
                 if piece:
-                    _read_fully(source, view[start : start + piece])
+                    pdu.read_fully(source, view[start : start + piece])
                 self._sendall(view[: start + piece])
                 left -= piece
                 if left == 0:
@@ -365,10 +333,10 @@ class ScuAssociation:
                 "(network timeout): association aborted"
             )
         # The peer may have said why before it closed: an A-ABORT waiting to be read.
-        with contextlib.suppress(OSError, _PeerClosed, _ProtocolError):
+        with contextlib.suppress(OSError, _PeerClosed, pdu.ProtocolError):
             pdu_type, body = self._read_pdu(time.monotonic() + 0.2)
-            if pdu_type == A_ABORT_TYPE:
-                return f"the peer aborted the association ({_abort_text(_abort_pdu(body))})"
+            if pdu_type == pdu.A_ABORT_TYPE:
+                return f"the peer aborted the association ({pdu.abort_text(pdu.abort_pdu(body))})"
         return f"the connection was lost ({exc.strerror or exc})"
 
     # ------------------------------------------------------------------ receiving
@@ -388,7 +356,7 @@ class ScuAssociation:
             self.established = False
             self.close()
             raise AssociationLost(f"the peer aborted the association ({exc})") from None
-        except (OSError, _PeerClosed, _ProtocolError, dimse.CommandError) as exc:
+        except (OSError, _PeerClosed, pdu.ProtocolError, dimse.CommandError) as exc:
             self.abort()
             raise AssociationLost(_describe(exc, self.settings)) from None
         if response.command_field != command_field or response.message_id_responded != message_id:
@@ -403,17 +371,17 @@ class ScuAssociation:
         command = bytearray()
         while True:
             pdu_type, body = self._read_pdu(deadline)
-            if pdu_type == A_ABORT_TYPE:
-                raise _PeerAborted(_abort_text(_abort_pdu(body)))
-            if pdu_type != P_DATA_TF_TYPE:
-                raise _ProtocolError(f"unexpected PDU type 0x{pdu_type:02X}")
-            if _command_fragments(body, command):
+            if pdu_type == pdu.A_ABORT_TYPE:
+                raise _PeerAborted(pdu.abort_text(pdu.abort_pdu(body)))
+            if pdu_type != pdu.P_DATA_TF_TYPE:
+                raise pdu.ProtocolError(f"unexpected PDU type 0x{pdu_type:02X}")
+            if pdu.command_fragments(body, command):
                 return dimse.decode_response(bytes(command))
 
     def _read_pdu(self, deadline: float) -> tuple[int, bytes]:
-        pdu_type, length = _PDU_HEADER.unpack(self._read_exact(_PDU_HEADER.size, deadline))
-        if length > MAX_INCOMING_PDU:
-            raise _ProtocolError(f"PDU of {length} bytes refused")
+        pdu_type, length = pdu.PDU_HEADER.unpack(self._read_exact(pdu.PDU_HEADER.size, deadline))
+        if length > pdu.MAX_INCOMING_PDU:
+            raise pdu.ProtocolError(f"PDU of {length} bytes refused")
         return pdu_type, self._read_exact(length, deadline)
 
     def _read_exact(self, size: int, deadline: float) -> bytes:
@@ -432,52 +400,12 @@ class ScuAssociation:
         return data
 
 
-class _Source(Protocol):
-    def readinto(self, buffer: memoryview, /) -> int | None: ...
-
-
-class _Padded:
-    """``source`` followed by one NULL byte."""
-
-    def __init__(self, source: _Source) -> None:
-        self._source = source
-        self._padded = False
-
-    def readinto(self, buffer: memoryview, /) -> int | None:
-        count = self._source.readinto(buffer)
-        if count or self._padded:
-            return count
-        self._padded = True
-        buffer[0] = 0
-        return 1
-
-
-class _SourceFailed(Exception):
-    pass
-
-
 class _PeerClosed(Exception):
     pass
 
 
 class _PeerAborted(Exception):
     pass
-
-
-class _ProtocolError(Exception):
-    pass
-
-
-def _read_fully(source: _Source, view: memoryview) -> None:
-    got = 0
-    while got < len(view):
-        try:
-            count = source.readinto(view[got:])
-        except OSError as exc:
-            raise _SourceFailed(exc.strerror or str(exc)) from None
-        if not count:
-            raise _SourceFailed("the file is shorter than when the send began")
-        got += count
 
 
 def _connect(peer: Peer, timeout: float) -> socket.socket:
@@ -498,80 +426,6 @@ def _connect(peer: Peer, timeout: float) -> socket.socket:
     # previous segment: Nagle's algorithm meeting delayed ACKs, up to 40 ms per message.
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return sock
-
-
-def _numbered(contexts: Sequence[PresentationContext]) -> dict[int, PresentationContext]:
-    """Contexts with the odd ids 1, 3, 5, ... (PS3.8 9.3.2.2)."""
-    numbered: dict[int, PresentationContext] = {}
-    for index, context in enumerate(contexts):
-        context.context_id = 2 * index + 1
-        numbered[2 * index + 1] = context
-    return numbered
-
-
-def _associate_rq(peer: Peer, contexts: dict[int, PresentationContext]) -> bytes:
-    primitive = A_ASSOCIATE()
-    primitive.application_context_name = APPLICATION_CONTEXT
-    primitive.calling_ae_title = peer.calling
-    primitive.called_ae_title = peer.called
-    primitive.presentation_context_definition_list = list(contexts.values())
-    max_length = MaximumLengthNotification()
-    max_length.maximum_length_received = RECEIVE_PDU
-    class_uid = ImplementationClassUIDNotification()
-    class_uid.implementation_class_uid = UID(IMPLEMENTATION_CLASS_UID)
-    version = ImplementationVersionNameNotification()
-    version.implementation_version_name = IMPLEMENTATION_VERSION_NAME
-    primitive.user_information = [max_length, class_uid, version]
-    pdu = A_ASSOCIATE_RQ()
-    pdu.from_primitive(primitive)
-    return pdu.encode()
-
-
-def _p_data_header(context_id: int, fragment: int, control: int) -> bytes:
-    """P-DATA-TF PDU header with one PDV item header (PS3.8 9.3.5, E.2)."""
-    return _PDU_HEADER.pack(P_DATA_TF_TYPE, fragment + PDV_OVERHEAD) + _PDV_HEADER.pack(
-        fragment + 2, context_id, control
-    )
-
-
-def _command_fragments(body: bytes, command: bytearray) -> bool:
-    """Append the command fragments of a P-DATA-TF PDU body; True after the last one."""
-    offset = 0
-    while offset + _PDV_HEADER.size <= len(body):
-        length, _context_id, control = _PDV_HEADER.unpack_from(body, offset)
-        end = offset + 4 + length
-        if length < 2 or end > len(body):
-            raise _ProtocolError("malformed PDV item")
-        if not control & _COMMAND:
-            raise _ProtocolError("a data set fragment in a response")
-        command += body[offset + _PDV_HEADER.size : end]
-        if len(command) > MAX_INCOMING_PDU:
-            raise _ProtocolError("response command set too long")
-        if control & _LAST:
-            if end != len(body):
-                raise _ProtocolError("data after the last fragment of a response")
-            return True
-        offset = end
-    if offset != len(body):
-        raise _ProtocolError("malformed P-DATA-TF PDU")
-    return False
-
-
-def _abort_pdu(body: bytes) -> bytes:
-    return _PDU_HEADER.pack(A_ABORT_TYPE, len(body)) + body
-
-
-def _abort_text(raw: bytes) -> str:
-    pdu = A_ABORT_RQ()
-    try:
-        pdu.decode(raw)
-    except Exception:  # pynetdicom raises assorted errors on a malformed PDU
-        return "malformed A-ABORT"
-    source = _ABORT_SOURCE.get(int(pdu.source or 0), f"source {pdu.source}")
-    if pdu.source == 2:
-        reason_code = int(pdu.reason_diagnostic or 0)
-        return f"{source}: {_ABORT_REASON.get(reason_code, f'reason {reason_code}')}"
-    return source
 
 
 def _describe(exc: BaseException, settings: DispatcherSettings) -> str:
