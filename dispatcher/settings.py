@@ -9,12 +9,12 @@ them. A bad value is a :class:`ConfigError` naming the field, as for every other
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any, Final
+from typing import Annotated, Final
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from common.config import Config
-from common.errors import ConfigError
+from common.service_settings import settings_from_config
 
 DEFAULT_AE_TITLE: Final = "CADUCEUS"
 """Calling AE title of the dispatcher when a target names none (``aet_source`` empty)."""
@@ -95,25 +95,20 @@ class DispatcherSettings(BaseModel):
     @classmethod
     def from_config(cls, config: Config) -> DispatcherSettings:
         """Read the settings; raise :class:`ConfigError` naming an invalid Caduceus field."""
-        values: dict[str, Any] = {
-            "scan_interval": config.dispatcher_scan_interval,
-            "retry_delay": config.retry_delay,
-            "retry_max": config.retry_max,
-            "offpeak_start": config.offpeak_start,
-            "offpeak_end": config.offpeak_end,
-        }
-        for field in CADUCEUS_FIELDS:
-            value = getattr(config, field, None)
-            if value is not None:
-                values[_SETTING_FOR[field]] = value
-        try:
-            return cls.model_validate(values)
-        except ValidationError as exc:
-            lines = []
-            for error in exc.errors(include_url=False):
-                name = str(error["loc"][0]) if error["loc"] else ""
-                lines.append(f"{_FIELD_FOR.get(name, name)}: {error['msg']}")
-            raise ConfigError("invalid dispatcher settings:\n  " + "\n  ".join(lines)) from None
+        return settings_from_config(
+            cls,
+            config,
+            given={
+                "scan_interval": config.dispatcher_scan_interval,
+                "retry_delay": config.retry_delay,
+                "retry_max": config.retry_max,
+                "offpeak_start": config.offpeak_start,
+                "offpeak_end": config.offpeak_end,
+            },
+            optional={field: _SETTING_FOR[field] for field in CADUCEUS_FIELDS},
+            names={"scan_interval": "dispatcher_scan_interval"},
+            service="dispatcher",
+        )
 
 
 _SETTING_FOR: Final = {
@@ -126,8 +121,4 @@ _SETTING_FOR: Final = {
     "dispatcher_acse_timeout": "acse_timeout",
     "dispatcher_dimse_timeout": "dimse_timeout",
     "dispatcher_network_timeout": "network_timeout",
-}
-_FIELD_FOR: Final = {
-    **{setting: field for field, setting in _SETTING_FOR.items()},
-    "scan_interval": "dispatcher_scan_interval",
 }

@@ -12,12 +12,12 @@ from __future__ import annotations
 import os
 import re
 from datetime import datetime
-from typing import Annotated, Any, Final
+from typing import Annotated, Final
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from common.config import Config
-from common.errors import ConfigError
+from common.service_settings import settings_from_config
 
 NOBODY: Final = "65534:65534"
 """The container user when the processor itself runs as root (Debian's nobody:nogroup)."""
@@ -114,26 +114,21 @@ class ProcessorSettings(BaseModel):
     @classmethod
     def from_config(cls, config: Config) -> ProcessorSettings:
         """Read the settings; raise :class:`ConfigError` naming an invalid field."""
-        values: dict[str, Any] = {
-            "scan_interval": config.dispatcher_scan_interval,
-            "support_root_modules": bool(config.support_root_modules),
-            "runtime": config.processing_runtime or None,
-            "discard_logs": config.processing_logs.discard_logs,
-            "offpeak_start": config.offpeak_start,
-            "offpeak_end": config.offpeak_end,
-        }
-        for field, setting in _SETTING_FOR.items():
-            value = getattr(config, field, None)
-            if value is not None:
-                values[setting] = value
-        try:
-            return cls.model_validate(values)
-        except ValidationError as exc:
-            lines = []
-            for error in exc.errors(include_url=False):
-                name = str(error["loc"][0]) if error["loc"] else ""
-                lines.append(f"{_FIELD_FOR.get(name, name)}: {error['msg']}")
-            raise ConfigError("invalid processor settings:\n  " + "\n  ".join(lines)) from None
+        return settings_from_config(
+            cls,
+            config,
+            given={
+                "scan_interval": config.dispatcher_scan_interval,
+                "support_root_modules": bool(config.support_root_modules),
+                "runtime": config.processing_runtime or None,
+                "discard_logs": config.processing_logs.discard_logs,
+                "offpeak_start": config.offpeak_start,
+                "offpeak_end": config.offpeak_end,
+            },
+            optional=_SETTING_FOR,
+            names={"scan_interval": "dispatcher_scan_interval"},
+            service="processor",
+        )
 
 
 _SETTING_FOR: Final = {
@@ -148,8 +143,4 @@ _SETTING_FOR: Final = {
     "processing_retry_delay": "retry_delay",
     "processing_retry_max": "retry_max",
     "docker_url": "docker_url",
-}
-_FIELD_FOR: Final = {
-    **{setting: field for field, setting in _SETTING_FOR.items()},
-    "scan_interval": "dispatcher_scan_interval",
 }
