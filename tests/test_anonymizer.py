@@ -40,7 +40,7 @@ MODULE_DIR = ROOT / "modules" / "anonymizer"
 sys.path.insert(0, str(MODULE_DIR))
 
 from caduceus_anonymizer.__main__ import main  # noqa: E402
-from caduceus_anonymizer.profile import profile  # noqa: E402
+from caduceus_anonymizer.profile import Column, profile  # noqa: E402
 
 MODULE_PYTHON = os.environ.get("CADUCEUS_MODULE_PYTHON")
 SECRET = "project-secret-for-tests-0123"
@@ -462,6 +462,20 @@ def test_profile_table_has_every_attribute_of_the_basic_profile() -> None:
     assert table.rule(0x00080018).basic == "U"  # SOP Instance UID
     assert table.rule(0x50001234) is not None  # curve data (50xx,xxxx)
     assert table.rule(0x7FE00010) is None  # Pixel Data: not in the table, kept
+
+
+def test_profile_table_is_the_2026d_edition() -> None:
+    table = profile()
+    assert len(table.exact) == 653  # 656 rows less the three repeating-group masks
+    dose_model = table.rule(0x3004007F)  # Dose Calculation Model Name, new in 2026d
+    assert dose_model is not None
+    assert (dose_model.basic, dose_model.options) == ("X", {Column.CLEAN_DESCRIPTORS: "C"})
+    referenced_patient = table.rule(0x00081120)
+    assert referenced_patient is not None
+    assert referenced_patient.options == {Column.RETAIN_UIDS: "K"}
+    station_ae = table.rule(0x00080055)  # AE titles are cleaned, not kept, with device identity
+    assert station_ae is not None
+    assert station_ae.options == {Column.RETAIN_DEVICE_IDENTITY: "C"}
 
 
 # ---------------------------------------------------------------------------- result.json

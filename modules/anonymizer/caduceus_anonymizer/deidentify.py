@@ -224,8 +224,13 @@ class Deidentifier:
 
     def _shift(self, ds: Dataset, elem: DataElement, patient: Patient) -> None:
         shift = {"DA": dates.shift_da, "DT": dates.shift_dt}.get(elem.VR)
+        if shift is None and elem.VR not in ("TM", "SH"):
+            # a binary timestamp (Certified Timestamp, Frame Origin Timestamp) cannot be moved
+            del ds[elem.tag]
+            self.counts.add("unshiftable_removed")
+            return
         if shift is None or elem.value in (None, ""):
-            return  # TM and empty values stay: the offset is a whole number of days
+            return  # TM, the UTC offset (SH) and empty values stay: the offset is whole days
         values = elem.value if isinstance(elem.value, MultiValue | list) else [elem.value]
         moved = [shift(str(value), patient.offset) for value in values]
         if any(value is None for value in moved):

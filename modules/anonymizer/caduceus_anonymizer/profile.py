@@ -15,7 +15,7 @@ import functools
 from dataclasses import dataclass
 from enum import StrEnum
 
-from caduceus_anonymizer.profile_table import ROWS, ROWS_ADDED
+from caduceus_anonymizer.profile_table import ROWS
 
 
 class Action(StrEnum):
@@ -99,7 +99,7 @@ def profile() -> Profile:
     """Table E.1-1, parsed once."""
     exact: dict[int, Rule] = {}
     repeating: list[tuple[int, int, Rule]] = []
-    for tag, name, basic, *options in (*ROWS, *ROWS_ADDED):
+    for tag, name, basic, *options in ROWS:
         parsed = dict(_option(entry) for entry in (options[0].split() if options else []))
         rule = Rule(name, basic, parsed)
         digits = tag.replace(",", "")
