@@ -10,8 +10,8 @@ it, on SQLite and (when a server is given) PostgreSQL:
 - **queries**: the database is first seeded directly (PostgreSQL ``COPY``, SQLite
   ``executemany`` in large transactions) with ``series`` series and ``events`` raw events
   (1,000,000 and 10,000,000 for the full run), plus one task, one reception and four task
-  events per series and hourly statistics; then each dashboard query is run ``repeats`` times
-  with varying values and its latency taken at the client.
+  events per series and hourly and daily statistics; then each dashboard query is run
+  ``repeats`` times with varying values and its latency taken at the client.
 
 Call it from the bench runner::
 
@@ -149,11 +149,24 @@ def _database(backend: str, work: Path, postgres_url: str | None) -> Iterator[st
     try:
         yield make_url(postgres_url).set(database=name).render_as_string(hide_password=False)
     finally:
-        with admin.cursor() as cursor:
-            cursor.execute(
-                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-            )
+        _drop(admin, name)
         admin.close()
+
+
+def _drop(admin: Any, name: str, timeout: float = 120.0) -> None:
+    """Drop database ``name``. ``WITH (FORCE)`` fails while an autovacuum worker is in it (this
+    role may not signal it), so wait for the worker to finish."""
+    statement = sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with admin.cursor() as cursor:
+                cursor.execute(statement)
+            return
+        except psycopg2.errors.InsufficientPrivilege:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
 
 
 def _connect(url: str) -> Any:
@@ -615,9 +628,16 @@ def seed(server: Server, scale: Scale, rng: random.Random) -> Samples:
     for writer in (series, receptions, tasks, task_events, events):
         writer.flush()
     hourly = _Writer(conn, pg, "hourly_stats", ["hour", "metric", "key", "value"])
+    days: Counter[tuple[datetime, str, str]] = Counter()
     for (hour, metric, key), value in stats.items():
-        hourly.add(stamp(datetime.fromisoformat(hour)), metric, key, value)
+        start = datetime.fromisoformat(hour)
+        hourly.add(stamp(start), metric, key, value)
+        days[start.replace(hour=0), metric, key] += value
     hourly.flush()
+    daily = _Writer(conn, pg, "daily_stats", ["day", "metric", "key", "value"])
+    for (day, metric, key), value in days.items():
+        daily.add(stamp(day), metric, key, value)
+    daily.flush()
     logger.info("analyzing")
     if pg:
         conn.autocommit = True

@@ -82,15 +82,16 @@ def _copy_encoder(kind: type[TypeEngine[Any]]) -> Callable[[Any], str]:
     if kind is JSON:
         return lambda value: _NULL if value is None else _escape(_json(value))
     if kind is DateTime:
-        # Many rows of a batch share a time (an event's, in its projections; stored_at).
-        texts: dict[datetime, str] = {}
+        # Many rows share a time object (an event's, in its projections; stored_at). Keyed
+        # by identity: the rows hold every object, so no id is reused during the call.
+        texts: dict[int, str] = {}
 
         def time_text(value: datetime | None) -> str:
             if value is None:
                 return _NULL
-            text = texts.get(value)
+            text = texts.get(id(value))
             if text is None:
-                text = texts[value] = value.isoformat()
+                text = texts[id(value)] = value.isoformat()
             return text
 
         return time_text

@@ -93,8 +93,12 @@ def ingest(
 
 
 def _project(batch: Batch, new: list[tuple[Envelope, _Payload]]) -> None:
+    by_kind: dict[type[_Payload], list[tuple[Envelope, Any]]] = {}
+    for event, payload in new:
+        by_kind.setdefault(type(payload), []).append((event, payload))
+
     def of(kind: type[_Payload]) -> list[tuple[Envelope, Any]]:
-        return [(event, payload) for event, payload in new if isinstance(payload, kind)]
+        return by_kind.get(kind, [])
 
     task_events = of(TaskEventPayload)
     logs = of(ModuleLogPayload)

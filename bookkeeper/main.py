@@ -10,6 +10,7 @@ Caduceus), ``EX_UNAVAILABLE`` when the database cannot be reached or the port ca
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import signal
@@ -34,6 +35,9 @@ from common.logs import setup_logging
 
 logger = logging.getLogger(__name__)
 
+GC_THRESHOLDS = (100_000, 20, 20)
+"""Allocations between young collections, and young (then middle) collections between older
+ones; see :func:`_tune_gc`."""
 GRACEFUL_SHUTDOWN_S = 30
 """How long a stop waits for requests in flight (an ingest batch commits within it)."""
 
@@ -122,11 +126,24 @@ def _prepare_and_serve(settings: Settings, engine: Engine, stopper: _Stopper) ->
         logger.error("cannot listen on %s:%d: %s", settings.host, settings.port, exc)
         return exitcodes.EX_UNAVAILABLE
     with sock:
+        _tune_gc()
         host, port = sock.getsockname()[:2]
         logger.info(
             "listening on http://%s:%d (database %s, schema %s)", host, port, where, revision
         )
         return _serve(create_app(settings, engine), sock, stopper)
+
+
+def _tune_gc() -> None:
+    """Collect cyclic garbage less often than Python's default (every 700 allocations).
+
+    Parsing and projecting a batch of 5,000 events allocates hundreds of thousands of
+    objects, nearly all freed by reference counting, and each default collection walks the
+    batch being built: that took 40 % of the parsing. What is allocated until now (modules,
+    the app) is moved out of the collector's sight for good.
+    """
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
 
 
 def _serve(app: FastAPI, sock: socket.socket, stopper: _Stopper) -> int:
