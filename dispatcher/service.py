@@ -16,34 +16,27 @@ returns ``EX_INTERRUPTED`` after at most :data:`FORCED_STOP_GRACE` seconds.
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import logging
-import os
-import select
 import signal
 import threading
 import time
-from datetime import datetime
 from pathlib import Path
 from types import FrameType
 from typing import Final
 
 from common import exitcodes
-from common.config import Config, load_config
-from common.errors import ConfigError
+from common.config import Config
 from common.spool import (
     DEFAULT_STALE_AFTER,
     Marker,
     SpoolPaths,
-    is_halted,
     iter_dirs,
     recover_if_stale,
 )
-from common.task import now_utc
-from common.wakeup import Change, FolderWatch
+from common.task_loop import TaskLoop
 from dispatcher.events import DispatchEvents
 from dispatcher.execute import Outcome, TaskRunner
-from dispatcher.queue import Scheduler, TaskCache, scan
+from dispatcher.queue import scan
 from dispatcher.settings import DispatcherSettings
 
 logger = logging.getLogger(__name__)
@@ -52,8 +45,10 @@ FORCED_STOP_GRACE: Final = 5.0
 MAX_WORKER_THREADS: Final = 64
 
 
-class DispatcherService:
+class DispatcherService(TaskLoop[DispatcherSettings, Outcome]):
     """Dispatches the tasks of ``outgoing/``; :meth:`run` until stopped, or :meth:`once`."""
+
+    service = "dispatcher"
 
     def __init__(
         self,
@@ -62,27 +57,21 @@ class DispatcherService:
         *,
         events: DispatchEvents | None = None,
     ) -> None:
-        self.config = config
-        self.settings = DispatcherSettings.from_config(config)
-        self.config_path = config_path
-        self.paths: SpoolPaths = config.spool_paths()
+        paths = config.spool_paths()
         self.events = events if events is not None else DispatchEvents(None)
-        self.cancel = threading.Event()
-        self.runner = TaskRunner(self.paths, self.events, self.cancel)
-        self.scheduler = Scheduler()
-        self.cache = TaskCache()
-        self.outcomes: list[tuple[str, Outcome]] = []
-        """Every finished attempt of this service, in order (for tests and logs)."""
-        self._in_flight: dict[str, concurrent.futures.Future[Outcome]] = {}
-        self._pool = concurrent.futures.ThreadPoolExecutor(
-            max_workers=MAX_WORKER_THREADS, thread_name_prefix="dispatch"
+        cancel = threading.Event()
+        super().__init__(
+            config,
+            config_path,
+            paths.outgoing,
+            TaskRunner(paths, self.events, cancel),
+            scan,
+            cancel,
+            max_workers=MAX_WORKER_THREADS,
         )
-        self._config_mtime = _mtime(config_path)
-        self._stopping = False
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        os.set_blocking(self._wake_w, False)
-        self._watch: FolderWatch | None = None
+
+    def load_settings(self, config: Config) -> DispatcherSettings:
+        return DispatcherSettings.from_config(config)
 
     # ------------------------------------------------------------------ control
 
@@ -101,18 +90,12 @@ class DispatcherService:
         self._stopping = True
         if force:
             self.cancel.set()
-        self._wake()
-
-    def _wake(self) -> None:
-        with contextlib.suppress(BlockingIOError, OSError):
-            os.write(self._wake_w, b"w")
-
-    # ------------------------------------------------------------------ loops
+        self.wake()
 
     def run(self) -> int:
         """Dispatch until stopped: ``EX_OK`` after a clean stop, ``EX_INTERRUPTED`` if forced."""
         self.paths.create()
-        self._watch = FolderWatch(self.paths.outgoing)
+        self.watch()
         logger.info(
             "dispatching %s (up to %d tasks at once)",
             self.paths.outgoing,
@@ -121,52 +104,15 @@ class DispatcherService:
         try:
             next_sweep = 0.0
             while not self._stopping:
-                self._reload_config()
+                self.reload_config()
                 if time.monotonic() >= next_sweep:
                     recover_final_claims(self.paths)
                     next_sweep = time.monotonic() + CLAIM_SWEEP_INTERVAL
-                self._schedule()
-                self._sleep(self.settings.scan_interval)
+                self.schedule()
+                self.sleep(self.settings.scan_interval)
             return self._drain()
         finally:
-            self._close()
-
-    def once(self) -> int:
-        """Dispatch every task that is ready now (and retries that come due meanwhile) and
-        return ``EX_OK`` when nothing is ready or in flight."""
-        self.paths.create()
-        try:
-            while True:
-                self._schedule()
-                if not self._in_flight:
-                    return exitcodes.EX_OK
-                concurrent.futures.wait(
-                    list(self._in_flight.values()),
-                    return_when=concurrent.futures.FIRST_COMPLETED,
-                )
-                self._collect()
-        finally:
-            self._close()
-
-    def _sleep(self, seconds: float) -> None:
-        """Wait up to ``seconds``; return early for :meth:`_wake` or a new task folder."""
-        watched = self._watch.fileno() if self._watch is not None else None
-        fds = [self._wake_r] if watched is None else [self._wake_r, watched]
-        deadline = time.monotonic() + seconds
-        while (left := deadline - time.monotonic()) > 0:
-            try:
-                readable, _, _ = select.select(fds, [], [], left)
-            except InterruptedError:
-                continue
-            if self._wake_r in readable:
-                with contextlib.suppress(BlockingIOError):
-                    os.read(self._wake_r, 512)
-                return
-            if not readable:
-                return
-            assert self._watch is not None
-            if any(_worth_a_scan(change) for change in self._watch.changes()):
-                return
+            self.close()
 
     def _drain(self) -> int:
         if self._in_flight:
@@ -174,85 +120,14 @@ class DispatcherService:
         while self._in_flight:
             if self.cancel.is_set():
                 concurrent.futures.wait(list(self._in_flight.values()), timeout=FORCED_STOP_GRACE)
-                self._collect()
+                self.collect()
                 if self._in_flight:
                     logger.warning("forced stop: %d task(s) still sending", len(self._in_flight))
                 return exitcodes.EX_INTERRUPTED
-            self._sleep(1.0)
-            self._collect()
+            self.sleep(1.0)
+            self.collect()
         logger.info("dispatcher stopped")
         return exitcodes.EX_INTERRUPTED if self.cancel.is_set() else exitcodes.EX_OK
-
-    def _close(self) -> None:
-        if self._watch is not None:
-            self._watch.close()
-        self._pool.shutdown(wait=not self.cancel.is_set(), cancel_futures=True)
-        os.close(self._wake_r)
-        os.close(self._wake_w)
-
-    # ------------------------------------------------------------------ one step
-
-    def _schedule(self) -> None:
-        self._collect()
-        free = self.settings.max_parallel - len(self._in_flight)
-        if free <= 0 or self._stopping:
-            return
-        if is_halted(self.paths.outgoing):
-            logger.debug("outgoing/HALT: not picking tasks")
-            return
-        config, settings = self.config, self.settings
-        ready, broken = scan(
-            self.paths.outgoing,
-            config,
-            now=now_utc(),
-            offpeak=settings.is_offpeak(datetime.now()),
-            cache=self.cache,
-            skip=frozenset(self._in_flight),
-        )
-        for item in broken:
-            self.runner.fail_broken(item.folder, item.reason)
-        for candidate in self.scheduler.pick(ready, free):
-            future = self._pool.submit(self.runner.run, candidate.folder, config, settings)
-            self._in_flight[candidate.task_id] = future
-            future.add_done_callback(lambda _f: self._wake())
-
-    def _collect(self) -> None:
-        for task_id, future in list(self._in_flight.items()):
-            if not future.done():
-                continue
-            del self._in_flight[task_id]
-            try:
-                outcome = future.result()
-            except Exception:
-                logger.exception("task %s: the attempt failed unexpectedly", task_id)
-                continue
-            self.outcomes.append((task_id, outcome))
-
-    def _reload_config(self) -> None:
-        mtime = _mtime(self.config_path)
-        if self.config_path is None or mtime == self._config_mtime:
-            return
-        self._config_mtime = mtime
-        try:
-            config = load_config(self.config_path, report=False)
-            settings = DispatcherSettings.from_config(config)
-        except ConfigError as exc:
-            logger.error("configuration change refused, keeping the last valid one: %s", exc)
-            return
-        if config.spool_paths() != self.paths:
-            logger.warning("the new spool folders apply after a restart of the dispatcher")
-        self.config, self.settings = config, settings
-        logger.info("configuration reloaded")
-
-
-def _worth_a_scan(change: Change) -> bool:
-    """A task folder renamed into ``outgoing/`` (the router builds it under a hidden name), or
-    ``HALT`` set or lifted; the dispatcher's own moves out of ``outgoing/`` are not."""
-    if change.overflow:
-        return True
-    if change.name == Marker.HALT:
-        return True
-    return change.appeared and not change.name.startswith(".")
 
 
 CLAIM_SWEEP_INTERVAL: Final = 60.0
@@ -275,10 +150,3 @@ def recover_final_claims(paths: SpoolPaths) -> int:
     if recovered:
         logger.warning("removed %d abandoned claim(s) from finished tasks", recovered)
     return recovered
-
-
-def _mtime(path: Path | None) -> float:
-    try:
-        return path.stat().st_mtime if path is not None else 0.0
-    except OSError:
-        return 0.0
