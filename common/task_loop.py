@@ -27,10 +27,13 @@ from pathlib import Path
 from typing import Generic, Protocol, TypeVar
 
 from common import exitcodes
-from common.config import Config, load_config
-from common.errors import ConfigError
+from common.config import Config, load_config, resolve_config_path
+from common.entry import service_parser
+from common.errors import ConfigError, OutboxError
+from common.logs import setup_logging
 from common.spool import Marker, SpoolPaths, is_halted
 from common.task import now_utc
+from common.task_events import TaskEventRecorder
 from common.task_queue import Broken, Candidate, Scheduler, TaskCache
 from common.wakeup import Change, FolderWatch
 
@@ -232,3 +235,55 @@ def _mtime(path: Path | None) -> float:
         return path.stat().st_mtime if path is not None else 0.0
     except OSError:
         return 0.0
+
+
+class _Service(Protocol):
+    def once(self) -> int: ...
+
+    def run(self) -> int: ...
+
+    def install_signal_handlers(self) -> None: ...
+
+
+EventsT = TypeVar("EventsT", bound=TaskEventRecorder)
+
+
+def task_service_main(
+    argv: list[str] | None,
+    *,
+    service: str,
+    description: str,
+    once_help: str,
+    events_class: type[EventsT],
+    build: Callable[[Config, Path, EventsT], _Service],
+) -> int:
+    """``main()`` of a task service: ``caduceus <service> [--config PATH] [--once]``.
+
+    Exit codes: ``EX_CONFIG`` for an invalid configuration, ``EX_CANTCREAT`` when the outbox
+    cannot be opened, else the service's. After a forced stop (``EX_INTERRUPTED``) the process
+    leaves without joining worker threads that may still be inside a send or a Docker call.
+    """
+    args = service_parser(service, description, once_help).parse_args(argv)
+    setup_logging(service)
+    config_path = resolve_config_path(args.config).absolute()
+    try:
+        config = load_config(config_path)
+        events = events_class.open(config.spool_paths().state)
+        runner = build(config, config_path, events)
+    except ConfigError as exc:
+        logger.error("invalid configuration %s: %s", config_path, exc)
+        return exitcodes.EX_CONFIG
+    except OutboxError as exc:
+        logger.error("cannot open the event outbox: %s", exc)
+        return exitcodes.EX_CANTCREAT
+    try:
+        if args.once:
+            return runner.once()
+        runner.install_signal_handlers()
+        code = runner.run()
+    finally:
+        events.close()
+    if code == exitcodes.EX_INTERRUPTED:
+        logging.shutdown()
+        os._exit(code)
+    return code

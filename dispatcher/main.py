@@ -2,52 +2,17 @@
 
 from __future__ import annotations
 
-import argparse
-import logging
-import os
-
-from common import exitcodes
-from common.config import load_config, resolve_config_path
-from common.entry import service_parser
-from common.errors import ConfigError, OutboxError
-from common.logs import setup_logging
+from common.task_loop import task_service_main
 from dispatcher.events import DispatchEvents
 from dispatcher.service import DispatcherService
 
-logger = logging.getLogger(__name__)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    return service_parser(
-        "dispatcher",
-        "Sends the task folders of outgoing/ to their targets (C-STORE, folder, ...).",
-        "dispatch every task that is ready now, then exit",
-    )
-
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    setup_logging("dispatcher")
-    config_path = resolve_config_path(args.config).absolute()
-    try:
-        config = load_config(config_path)
-        events = DispatchEvents.open(config.spool_paths().state)
-        service = DispatcherService(config, config_path, events=events)
-    except ConfigError as exc:
-        logger.error("invalid configuration %s: %s", config_path, exc)
-        return exitcodes.EX_CONFIG
-    except OutboxError as exc:
-        logger.error("cannot open the event outbox: %s", exc)
-        return exitcodes.EX_CANTCREAT
-    try:
-        if args.once:
-            return service.once()
-        service.install_signal_handlers()
-        code = service.run()
-    finally:
-        events.close()
-    if code == exitcodes.EX_INTERRUPTED:
-        # Worker threads may still be inside a send: leave without joining them.
-        logging.shutdown()
-        os._exit(code)
-    return code
+    return task_service_main(
+        argv,
+        service="dispatcher",
+        description="Sends the task folders of outgoing/ to their targets (C-STORE, folder, ...).",
+        once_help="dispatch every task that is ready now, then exit",
+        events_class=DispatchEvents,
+        build=lambda config, path, events: DispatcherService(config, path, events=events),
+    )
