@@ -121,6 +121,16 @@ class BackendResult:
     seed_seconds: float = 0.0
     ingest: list[IngestRun] = field(default_factory=list)
     queries: list[QueryRun] = field(default_factory=list)
+    load: dict[str, tuple[float, float]] = field(default_factory=dict)
+    """Phase (ingest, queries) -> the machine's 1-minute load average at its start and end."""
+
+
+@contextlib.contextmanager
+def _phase(result: BackendResult, name: str) -> Iterator[None]:
+    """Record the machine's load around a phase: other work on it slows the numbers down."""
+    before = os.getloadavg()[0]
+    yield
+    result.load[name] = (before, os.getloadavg()[0])
 
 
 @dataclass
@@ -764,16 +774,17 @@ def run_backend(backend: str, work: Path, postgres_url: str | None, scale: Scale
         server = Server(work / f"{backend}-ingest", database_url)
         try:
             server.start()
-            for batch, clients in ((500, 1), (5000, 1), (500, 4)):
-                run = ingest_rate(server, backend, batch, clients, scale.ingest_events)
-                logger.info(
-                    "%s ingest batch %d x %d clients: %.0f events/s",
-                    backend,
-                    batch,
-                    clients,
-                    run.per_second,
-                )
-                result.ingest.append(run)
+            with _phase(result, "ingest"):
+                for batch, clients in ((500, 1), (5000, 1), (500, 4)):
+                    run = ingest_rate(server, backend, batch, clients, scale.ingest_events)
+                    logger.info(
+                        "%s ingest batch %d x %d clients: %.0f events/s",
+                        backend,
+                        batch,
+                        clients,
+                        run.per_second,
+                    )
+                    result.ingest.append(run)
         finally:
             server.stop()
     with _database(backend, work, postgres_url) as database_url:
@@ -785,7 +796,8 @@ def run_backend(backend: str, work: Path, postgres_url: str | None, scale: Scale
             samples = seed(server, scale, random.Random(7))
             result.seed_seconds = time.perf_counter() - start
             server.start()
-            result.queries = query_latency(server, backend, samples, scale.repeats)
+            with _phase(result, "queries"):
+                result.queries = query_latency(server, backend, samples, scale.repeats)
         finally:
             server.stop()
     return result
@@ -838,6 +850,8 @@ def markdown(results: Results) -> str:
         "",
         f"Target: ≥ {TARGET_INGEST_PG:,.0f} events/s on PostgreSQL in batches.",
         "",
+        _load_line(results, "ingest"),
+        "",
         f"### Queries on {scale.series:,} series and {scale.events:,} events",
         "",
         "Latency at the client, " + f"{scale.repeats} runs each with varying values "
@@ -858,12 +872,26 @@ def markdown(results: Results) -> str:
         lines.append(f"| {description} (`{name}`) | " + " | ".join(cells) + " |")
     lines += [
         "",
+        _load_line(results, "queries"),
+        "",
         f"⚠: p95 above the {TARGET_P95_MS:.0f} ms target. Seeding took "
         + ", ".join(f"{b.backend} {b.seed_seconds:.0f} s" for b in results.backends)
         + ".",
         *(f"\n{note}" for note in results.notes),
     ]
     return "\n".join(lines)
+
+
+def _load_line(results: Results, phase: str) -> str:
+    loads = ", ".join(
+        f"{b.backend} {b.load[phase][0]:.1f} → {b.load[phase][1]:.1f}"
+        for b in results.backends
+        if phase in b.load
+    )
+    return (
+        f"Machine load during this part (1-minute load average at its start → end, "
+        f"{os.cpu_count()} CPUs, other work included): {loads or 'not recorded'}."
+    )
 
 
 def _jsonable(value: Any) -> Any:
