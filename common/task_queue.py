@@ -21,6 +21,7 @@ cannot starve the normal ones even when only one slot frees at a time.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Callable, Iterable
@@ -30,8 +31,19 @@ from pathlib import Path
 from typing import Final
 
 from common.config import Config, Priority
-from common.spool import DEFAULT_STALE_AFTER, Marker, iter_dirs, stale_reason
+from common.errors import LockedError
+from common.spool import (
+    DEFAULT_STALE_AFTER,
+    Marker,
+    SpoolLock,
+    atomic_write_bytes,
+    iter_dirs,
+    move_claimed,
+    stale_reason,
+)
 from common.task import Task, TaskError, read_task
+
+logger = logging.getLogger(__name__)
 
 BROKEN_GRACE: Final = 30.0
 """Seconds a folder with a missing or invalid ``task.json`` is left alone (being written by hand
@@ -194,3 +206,20 @@ class Scheduler:
 
 def _age(candidate: Candidate) -> tuple[float, str]:
     return candidate.mtime, candidate.task_id
+
+
+def move_broken(folder: Path, error_root: Path, *, service: str, stage: str, reason: str) -> None:
+    """Move a folder whose ``task.json`` cannot be read to ``error_root`` under the service's
+    claim, with ``<stage>: <reason>`` in its ``.error`` file (there is no valid task to write it
+    into); a folder another service holds, or that is gone, is left alone."""
+    lock = SpoolLock(folder / Marker.PROCESSING, service)
+    try:
+        lock.acquire()
+    except (LockedError, FileNotFoundError):
+        return
+    try:
+        logger.error("task folder %s is broken, moving it to error/: %s", folder.name, reason)
+        destination = move_claimed(folder, error_root, lock)
+        atomic_write_bytes(destination / Marker.ERROR, f"{stage}: {reason}\n".encode())
+    finally:
+        lock.release()

@@ -29,6 +29,7 @@ from common.config import Config
 from common.errors import LockedError
 from common.spool import Marker, SpoolLock, SpoolPaths, atomic_write_bytes, move_claimed
 from common.task import Task, TaskDispatch, TaskError, now_utc, read_task, write_task
+from common.task_queue import move_broken
 from dispatcher import status
 from dispatcher.events import DispatchEvents
 from dispatcher.settings import DispatcherSettings
@@ -82,19 +83,8 @@ class TaskRunner:
             lock.release()
 
     def fail_broken(self, folder: Path, reason: str) -> None:
-        """Move a folder whose ``task.json`` cannot be read to ``error/``, with the reason in
-        its ``.error`` file (there is no valid task to write it into)."""
-        lock = SpoolLock(folder / Marker.PROCESSING, SERVICE)
-        try:
-            lock.acquire()
-        except (LockedError, FileNotFoundError):
-            return
-        try:
-            logger.error("task folder %s is broken, moving it to error/: %s", folder.name, reason)
-            destination = move_claimed(folder, self.paths.error, lock)
-            atomic_write_bytes(destination / Marker.ERROR, f"DISPATCHING: {reason}\n".encode())
-        finally:
-            lock.release()
+        """Move a folder whose ``task.json`` cannot be read to ``error/``."""
+        move_broken(folder, self.paths.error, service=SERVICE, stage="DISPATCHING", reason=reason)
 
     # ------------------------------------------------------------------ the attempt
 

@@ -46,6 +46,7 @@ from common.spool import (
     unique_destination,
 )
 from common.task import Task, TaskError, TaskProcessing, now_utc, read_task, write_task
+from common.task_queue import move_broken
 from processor import workspace
 from processor.events import ProcessEvents
 from processor.routing import decide_routing
@@ -128,18 +129,8 @@ class ProcessRunner:
             return Outcome.RETRY
 
     def fail_broken(self, folder: Path, reason: str) -> None:
-        """Move a folder whose ``task.json`` cannot be read to ``error/`` with a ``.error``."""
-        lock = SpoolLock(folder / Marker.PROCESSING, SERVICE)
-        try:
-            lock.acquire()
-        except (LockedError, FileNotFoundError):
-            return
-        try:
-            logger.error("task folder %s is broken, moving it to error/: %s", folder.name, reason)
-            destination = move_claimed(folder, self.paths.error, lock)
-            atomic_write_bytes(destination / Marker.ERROR, f"PROCESSING: {reason}\n".encode())
-        finally:
-            lock.release()
+        """Move a folder whose ``task.json`` cannot be read to ``error/``."""
+        move_broken(folder, self.paths.error, service=SERVICE, stage="PROCESSING", reason=reason)
 
     # ------------------------------------------------------------------ the attempt
 
