@@ -257,6 +257,7 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     path = Path(args.file) if args.file else resolve_config_path(args.config)
     try:
         config = load_config(path, report=False)
+        _check_service_settings(config)
     except ConfigError as exc:
         raise CommandError(str(exc), exitcodes.EX_CONFIG) from exc
     counts = ", ".join(
@@ -273,6 +274,15 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     if config.unknown_fields:
         print(f"  unknown settings (misspelt?), no effect: {', '.join(config.unknown_fields)}")
     return exitcodes.EX_OK
+
+
+def _check_service_settings(config: Config) -> None:
+    """The services' own settings, as each service checks them at start (ConfigError)."""
+    from dispatcher.settings import DispatcherSettings  # noqa: PLC0415 - services import common
+    from processor.settings import ProcessorSettings  # noqa: PLC0415
+
+    DispatcherSettings.from_config(config)
+    ProcessorSettings.from_config(config)
 
 
 def cmd_config_init(args: argparse.Namespace) -> int:

@@ -79,6 +79,19 @@ def test_config_check_names_the_invalid_field_and_exits_78(
     assert "OK" not in captured.out
 
 
+@pytest.mark.parametrize(
+    ("field", "value"), [("processing_timeout", -5), ("dispatcher_max_parallel", 0)]
+)
+def test_config_check_refuses_a_bad_service_setting_naming_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], field: str, value: int
+) -> None:
+    config = write_config(tmp_path / "caduceus.json", **{field: value})
+
+    assert main(["config", "check", str(config)]) == EX_CONFIG
+
+    assert f"{field}:" in capsys.readouterr().err
+
+
 def test_config_check_of_a_missing_file_exits_78(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
