@@ -92,6 +92,17 @@ def pipeline_section(work: Path, quick: bool, command: str) -> str:
             f" | {config['task_to_first_s']} | {config['dispatch_s']} | {verdict} |"
         )
         lines.extend(f"| failure | {failure} | | | | | |" for failure in config["failures"])
+    lines += [
+        "",
+        "complete → task: from the moment the series became complete (last instance +"
+        " series_complete_trigger) to the task's `created_at` (the router's wake-up and"
+        " planning). task → first file: routing's flushes and delivery, the dispatcher's"
+        " wake-up, claim, association and first C-STORE. dispatch: first to last file at"
+        " storescp. The router sleeps until the series becomes complete and the dispatcher"
+        " wakes on inotify when the task folder is renamed into outgoing/, so the scan"
+        " intervals hardly matter; a negative overhead means the dispatch took less than"
+        " `storescu`'s whole run (process start, association, release, exit).",
+    ]
     return "\n".join(lines)
 
 

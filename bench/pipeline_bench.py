@@ -19,9 +19,11 @@ router's scan latency and routing), ``task_to_first`` (-> the first file at ``st
 delivery, the dispatcher's scan latency, the association), ``dispatch`` (first -> last file at
 ``storescp``; compare with the pure send time).
 
-Two configurations run, because both scan loops poll: ``default intervals``
-(``router_scan_interval`` and ``dispatcher_scan_interval`` 1 s, mercure's and Caduceus'
-defaults: up to 2 s of polling alone) and ``short intervals`` (0.1 s each).
+Two configurations run: ``default intervals`` (``router_scan_interval`` and
+``dispatcher_scan_interval`` 1 s, mercure's and Caduceus' defaults) and ``short intervals``
+(0.1 s each). With polling loops the default intervals cost up to 2 s; since the router sleeps
+until the next series becomes complete and the dispatcher wakes when a task folder is renamed
+into ``outgoing/`` (``docs/router.md``, ``docs/dispatcher.md``), both rows should agree.
 
 Call it as ``bench_pipeline(Path("bench/out/work/pipeline"), quick=True)`` (60 slices, one run
 per configuration) or ``quick=False`` (300 slices, median of 3), or run
