@@ -175,28 +175,30 @@ def append(conn: Connection, table_: Table, rows: Sequence[Mapping[str, Any]]) -
 def stage(
     conn: Connection, table_: Table, rows: Sequence[Mapping[str, Any]], label: str | None = None
 ) -> TableClause:
-    """Load ``rows`` into this connection's staging table for ``table_``; return it.
+    """Load ``rows`` (at least one) into this connection's staging table for ``table_``.
 
-    The staging table has the columns of the rows (typed as in ``table_``) plus
-    :data:`ORDINAL`, the row's position in ``rows``. It is created once per connection and
-    holds only this transaction's rows: PostgreSQL empties it at commit (``ON COMMIT DELETE
-    ROWS``), and on SQLite it is emptied before it is filled. ``label`` tells apart two
-    stagings of one table with different columns.
+    Returns the staging table: the columns of the rows (typed as in ``table_``) plus
+    :data:`ORDINAL`, the row's position in ``rows``. It is created once per connection, and
+    emptied before it is filled, so it holds the rows of this call only (PostgreSQL also
+    empties it at commit: ``ON COMMIT DELETE ROWS``). ``label`` tells apart two stagings of
+    one table with different columns.
     """
-    columns = list(rows[0]) if rows else []
+    if not rows:
+        raise ValueError("nothing to stage")
+    columns = list(rows[0])
     name = f"{STAGE_PREFIX}{label or table_.name}"
     stage_name, source = _names(conn, [name]), _names(conn, [table_.name])
     # The ordinal column takes its type from "0", the others theirs from the table.
     select_list = ", ".join([f"0 AS {_names(conn, [ORDINAL])}", _names(conn, columns)])
     if conn.dialect.name == "postgresql":
         query = f"SELECT {select_list} FROM {source} WITH NO DATA"  # noqa: S608
-        conn.exec_driver_sql(
-            f"CREATE TEMPORARY TABLE IF NOT EXISTS {stage_name} ON COMMIT DELETE ROWS AS {query}"
-        )
+        create = f"CREATE TEMPORARY TABLE IF NOT EXISTS {stage_name} ON COMMIT DELETE ROWS AS"
+        empty = f"DELETE FROM {stage_name}"  # noqa: S608
+        # One round trip for both statements (no parameters: psycopg2 sends them as one).
+        conn.exec_driver_sql(f"{create} {query}; {empty}")
     else:
         query = f"SELECT {select_list} FROM main.{source} WHERE 0"  # noqa: S608
         conn.exec_driver_sql(f"CREATE TEMPORARY TABLE IF NOT EXISTS {stage_name} AS {query}")
         conn.exec_driver_sql(f"DELETE FROM temp.{stage_name}")  # noqa: S608
-    if rows:
-        _write(conn, name, table_, rows, numbered=True)
+    _write(conn, name, table_, rows, numbered=True)
     return table(name, column(ORDINAL), *(column(c) for c in columns))

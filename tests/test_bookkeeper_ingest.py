@@ -194,6 +194,39 @@ def test_unknown_kinds_are_kept_raw_exactly_as_sent(
     assert row["payload"] == future["payload"]
 
 
+AWKWARD = "back\\slash \\N tab\there new\nline cr\rhere 'quote' \"dq\" \\u0000 Grüße ✓"
+"""Characters that the bulk writes must escape (COPY's text format) or pass through as they are."""
+
+
+def test_text_with_backslashes_tabs_and_newlines_is_stored_exactly(
+    bookkeeper: Bookkeeper, client: httpx.Client
+) -> None:
+    uid, task_id = unique_uid(), f"awkward-{unique_uid()}"
+    raw = event("something_new", {"text": AWKWARD, AWKWARD: [AWKWARD]})
+    events = [
+        raw,
+        series_received(uid, tags={"PatientName": f"DOE^{AWKWARD}", "PatientID": AWKWARD}),
+        event("task_update", {"task_id": task_id, "series_uid": uid, "data": {"x": AWKWARD}}),
+        event("task_event", {"task_id": task_id, "event": "NOTE", "info": AWKWARD}),
+        event("module_log", {"task_id": task_id, "module": "m", "logs": AWKWARD}),
+    ]
+
+    assert post(client, events)["stored"] == len(events)
+
+    [row] = stored_events(bookkeeper, [raw["id"]])
+    assert row["payload"] == raw["payload"]
+    detail = client.get(f"/v1/series/{uid}").json()
+    assert (detail["patient_name"], detail["patient_id"]) == (f"DOE^{AWKWARD}", AWKWARD)
+    assert detail["tags"]["PatientID"] == AWKWARD
+    timeline = client.get(f"/v1/tasks/{task_id}").json()
+    assert timeline["task"]["data"] == {"x": AWKWARD}
+    assert [e["info"] for e in timeline["events"]] == [AWKWARD]
+    logs = client.get(f"/v1/tasks/{task_id}/logs").json()
+    assert [item["logs"] for item in logs["items"]] == [AWKWARD]
+    found = client.get("/v1/series", params={"patient_name": "doe back\\slash"}).json()
+    assert [item["series_uid"] for item in found["items"]] == [uid]
+
+
 def test_extra_envelope_and_payload_fields_are_ignored(client: httpx.Client) -> None:
     uid = unique_uid()
     sent = series_received(uid)
