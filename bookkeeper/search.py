@@ -222,7 +222,7 @@ def search_series(session: Session, query: SeriesQuery) -> SeriesPage:
     """One page of the series matching ``query``, in the order asked (ties by series id)."""
     statement = select(Series).where(*_series_filters(query))
     if query.cursor is None:
-        page = list(_by_offset(session, statement, query))
+        page = _by_offset(session, statement, query)
     else:
         page = _after_cursor(session, statement, query, Cursor.decode(query.cursor))
     total = None
@@ -244,15 +244,39 @@ def search_series(session: Session, query: SeriesQuery) -> SeriesPage:
     )
 
 
-def _by_offset(session: Session, statement: Select[Series], query: SeriesQuery) -> Any:
+def _by_offset(session: Session, statement: Select[Series], query: SeriesQuery) -> list[Series]:
+    """The ``limit + 1`` rows from ``offset`` on.
+
+    Like a cursor page, in two parts: the rows with a value, ordered as the sort column's index
+    is (an index cannot serve ``DESC NULLS LAST`` on PostgreSQL: that sorted the whole table),
+    then the rows without one, by id. Only an offset past every row with a value needs their
+    count, to know how many rows without one to skip.
+    """
+    wanted = query.limit + 1
     column = _sort_column(query.sort)
-    ordered = column.desc() if query.order == "desc" else column.asc()
-    if query.sort not in NOT_NULL_SORTS:
-        ordered = ordered.nulls_last()
-    tie = Series.id.desc() if query.order == "desc" else Series.id.asc()
-    return session.scalars(
-        statement.order_by(ordered, tie).limit(query.limit + 1).offset(query.offset)
-    ).all()
+    nullable = query.sort not in NOT_NULL_SORTS
+    valued = statement.where(column.is_not(None)) if nullable else statement
+    rows = list(session.scalars(valued.order_by(*_order(query)).limit(wanted).offset(query.offset)))
+    if len(rows) == wanted or not nullable:
+        return rows
+    skip = 0
+    if not rows and query.offset:
+        counted = session.scalar(select(func.count()).select_from(valued.subquery())) or 0
+        skip = max(0, query.offset - counted)
+    empty = statement.where(column.is_(None)).order_by(_by_id(query))
+    rows += session.scalars(empty.limit(wanted - len(rows)).offset(skip))
+    return rows
+
+
+def _order(query: SeriesQuery) -> tuple[ColumnElement[Any], ColumnElement[Any]]:
+    column = _sort_column(query.sort)
+    if query.order == "desc":
+        return column.desc(), Series.id.desc()
+    return column.asc(), Series.id.asc()
+
+
+def _by_id(query: SeriesQuery) -> ColumnElement[Any]:
+    return Series.id.desc() if query.order == "desc" else Series.id.asc()
 
 
 def _after_cursor(
@@ -273,13 +297,13 @@ def _after_cursor(
         key = tuple_(column, Series.id)
         mark = tuple_(literal(cursor.value, column.type), literal(cursor.id, Series.id.type))
         after: ColumnElement[bool] = key < mark if desc else key > mark
-        order = (column.desc(), Series.id.desc()) if desc else (column.asc(), Series.id.asc())
-        rows = list(session.scalars(statement.where(after).order_by(*order).limit(wanted)))
+        rows = list(session.scalars(statement.where(after).order_by(*_order(query)).limit(wanted)))
         if len(rows) == wanted or query.sort in NOT_NULL_SORTS:
             return rows
         empty: ColumnElement[bool] = column.is_(None)
     else:
         empty = and_(column.is_(None), Series.id < cursor.id if desc else Series.id > cursor.id)
-    by_id = Series.id.desc() if desc else Series.id.asc()
-    rows += session.scalars(statement.where(empty).order_by(by_id).limit(wanted - len(rows)))
+    rows += session.scalars(
+        statement.where(empty).order_by(_by_id(query)).limit(wanted - len(rows))
+    )
     return rows

@@ -106,6 +106,20 @@ def test_series_without_a_name_come_last_in_both_orders_and_on_cursor_pages(
         assert set(walked[-len(nameless) :]) == nameless
 
 
+@pytest.mark.parametrize("order", ["asc", "desc"])
+def test_offset_pages_go_on_past_the_named_series_into_the_nameless_ones(
+    bookkeeper: Bookkeeper, paged: list[str], order: str
+) -> None:
+    client = bookkeeper.client()
+    everything = _page(client, sort="patient_name", order=order, limit=500)["items"]
+    expected = [item["series_uid"] for item in everything]
+
+    for offset in range(0, SERIES + 3, 3):
+        page = _page(client, sort="patient_name", order=order, limit=3, offset=offset)
+        assert [item["series_uid"] for item in page["items"]] == expected[offset : offset + 3]
+        assert page["has_more"] == (offset + 3 < SERIES)
+
+
 def test_a_cursor_page_keeps_the_filters(bookkeeper: Bookkeeper, paged: list[str]) -> None:
     client = bookkeeper.client()
     first = _page(client, patient_name="kim", sort="patient_name", order="asc", limit=2)
