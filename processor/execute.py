@@ -121,6 +121,9 @@ class ProcessRunner:
         """Count an unexpected failure as an engine-type one (backoff, then ``error/``);
         when even that cannot be written, the task is left for the next scan."""
         reason = f"internal error: {type(exc).__name__}: {exc}"
+        if ws.finished.exists():
+            # The result is complete in result/: never reset it; the move is tried again.
+            return Outcome.RETRY
         try:
             task = read_task(ws.task_file, report=False)
             return self._failed(ws, lock, task, reason, settings, module_retries=None)

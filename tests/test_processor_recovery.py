@@ -55,3 +55,24 @@ def test_a_folder_whose_result_was_already_moved_is_only_removed(tmp_path: Path)
     assert outcome == Outcome.SUCCESS
     assert not folder.exists()
     assert list(paths.outgoing.iterdir()) == []
+
+
+def test_a_failing_move_of_a_finished_result_keeps_the_result(tmp_path: Path) -> None:
+    config = processor_config(tmp_path, modules={"m": module()})
+    folder = make_task(config, "x3", ["m"])
+    ws = Workspace(folder)
+    ws.gather_input()
+    ws.result.mkdir()
+    write_task(ws.result / "task.json", read_task(ws.task_file))
+    (folder / FINISHED).write_text('{"folder": "success"}')
+    paths = config.spool_paths()
+    paths.success.rmdir()
+    paths.success.write_text("a file where the success folder should be")
+
+    outcome = ProcessRunner(paths, ProcessEvents(None)).run(
+        folder, config, ProcessorSettings.from_config(config)
+    )
+
+    assert outcome == Outcome.RETRY
+    assert (ws.result / "task.json").exists()
+    assert (folder / FINISHED).exists()
