@@ -23,6 +23,7 @@ from pynetdicom.pdu_primitives import (
 )
 
 from common.config import DicomReceiver
+from common.implementation import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from common.spool import free_bytes
 from receiver import dimse, status
 from receiver.negotiation import Negotiated, negotiate
@@ -34,13 +35,7 @@ from receiver.pdu import (
     Connection,
     ProtocolError,
 )
-from receiver.storage import (
-    IMPLEMENTATION_CLASS_UID,
-    IMPLEMENTATION_VERSION_NAME,
-    InstanceWriter,
-    PeerInfo,
-    StoreRefused,
-)
+from receiver.storage import InstanceWriter, PeerInfo, StoreRefused
 from receiver.tags import TagSelection
 from receiver.tempfiles import TempFiles
 

@@ -28,6 +28,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
+from common.implementation import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from common.spool import SEPARATOR, fsync_dir
 from receiver import header, status
 from receiver.negotiation import COMPRESSED
@@ -35,9 +36,6 @@ from receiver.tags import TagSelection, ValueReader, build_tags, dataset_reader,
 from receiver.tempfiles import TempPair
 
 logger = logging.getLogger(__name__)
-
-IMPLEMENTATION_CLASS_UID: Final = "1.2.826.0.1.3680043.10.1462.1.1"
-IMPLEMENTATION_VERSION_NAME: Final = "CADUCEUS_010"
 
 MAX_UID_LENGTH: Final = 64
 _UID_PATTERN: Final = re.compile(r"^[0-9]+(\.[0-9]+)*$")

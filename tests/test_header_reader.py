@@ -17,8 +17,9 @@ from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 
+from common.implementation import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from receiver import header
-from receiver.storage import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, encode_file_meta
+from receiver.storage import encode_file_meta
 from receiver.tags import TagSelection, build_tags, dataset_reader, decoded_reader
 
 SELECTION = TagSelection.build(["Rows", "0028,0030", "ImageType", "(0009,0010)"])

@@ -21,8 +21,8 @@ from pynetdicom.pdu_primitives import (
 )
 from pynetdicom.presentation import PresentationContext
 
+from common.implementation import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from dispatcher.targets.association import Peer
-from receiver.storage import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 
 # PDU types (PS3.8 9.3.1).
 A_ASSOCIATE_RQ_TYPE: Final = 0x01
