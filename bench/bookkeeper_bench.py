@@ -874,12 +874,21 @@ def markdown(results: Results) -> str:
         "",
         _load_line(results, "queries"),
         "",
-        f"⚠: p95 above the {TARGET_P95_MS:.0f} ms target. Seeding took "
+        _p95_verdict(results)
+        + " Seeding took "
         + ", ".join(f"{b.backend} {b.seed_seconds:.0f} s" for b in results.backends)
         + ".",
         *(f"\n{note}" for note in results.notes),
     ]
     return "\n".join(lines)
+
+
+def _p95_verdict(results: Results) -> str:
+    """The legend of the flag when a query misses the target, else that none does."""
+    missed = [q for b in results.backends for q in b.queries if q.p95 > TARGET_P95_MS]
+    if missed:
+        return f"⚠: p95 above the {TARGET_P95_MS:.0f} ms target."
+    return f"Every query's p95 is under the {TARGET_P95_MS:.0f} ms target on every database."
 
 
 def _load_line(results: Results, phase: str) -> str:
