@@ -25,16 +25,10 @@ from pynetdicom.pdu_primitives import (
 from common.config import DicomReceiver
 from common.implementation import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from common.spool import free_bytes
+from common.ul import A_ABORT_TYPE, A_ASSOCIATE_RQ_TYPE, A_RELEASE_RQ_TYPE, P_DATA_TF_TYPE
 from receiver import dimse, status
 from receiver.negotiation import Negotiated, negotiate
-from receiver.pdu import (
-    A_ABORT_TYPE,
-    A_ASSOCIATE_RQ_TYPE,
-    A_RELEASE_RQ_TYPE,
-    P_DATA_TF_TYPE,
-    Connection,
-    ProtocolError,
-)
+from receiver.pdu import Connection, ProtocolError
 from receiver.storage import InstanceWriter, PeerInfo, StoreRefused
 from receiver.tags import TagSelection
 from receiver.tempfiles import TempFiles

@@ -17,15 +17,12 @@ from typing import Final, cast
 from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import A_ABORT, A_ASSOCIATE, A_P_ABORT
 
+from common.ul import (
+    A_ASSOCIATE_RQ_TYPE,
+    A_RELEASE_RP_TYPE,
+    P_DATA_TF_TYPE,
+)
 from receiver import status
-
-A_ASSOCIATE_RQ_TYPE: Final = 0x01
-A_ASSOCIATE_AC_TYPE: Final = 0x02
-A_ASSOCIATE_RJ_TYPE: Final = 0x03
-P_DATA_TF_TYPE: Final = 0x04
-A_RELEASE_RQ_TYPE: Final = 0x05
-A_RELEASE_RP_TYPE: Final = 0x06
-A_ABORT_TYPE: Final = 0x07
 
 MAX_ASSOCIATE_RQ_LENGTH: Final = 1 << 20
 """An A-ASSOCIATE-RQ larger than this is refused (protects memory; real ones are a few KB)."""

@@ -22,16 +22,12 @@ from pynetdicom.pdu_primitives import (
 from pynetdicom.presentation import PresentationContext
 
 from common.implementation import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+from common.ul import (
+    A_ABORT_TYPE,
+    A_RELEASE_RQ_TYPE,
+    P_DATA_TF_TYPE,
+)
 from dispatcher.targets.association import Peer
-
-# PDU types (PS3.8 9.3.1).
-A_ASSOCIATE_RQ_TYPE: Final = 0x01
-A_ASSOCIATE_AC_TYPE: Final = 0x02
-A_ASSOCIATE_RJ_TYPE: Final = 0x03
-P_DATA_TF_TYPE: Final = 0x04
-A_RELEASE_RQ_TYPE: Final = 0x05
-A_RELEASE_RP_TYPE: Final = 0x06
-A_ABORT_TYPE: Final = 0x07
 
 APPLICATION_CONTEXT: Final = UID("1.2.840.10008.3.1.1.1")
 """The DICOM Application Context Name (PS3.7 A.2.1)."""

@@ -34,6 +34,7 @@ from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ
 from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
 from pynetdicom.presentation import PresentationContext
 
+from common import ul
 from dispatcher.settings import DispatcherSettings
 from dispatcher.targets import dimse, pdu
 from dispatcher.targets.association import Peer, connect_problem, rejection_text
@@ -148,25 +149,25 @@ class ScuAssociation:
             ) from None
         raw = pdu.PDU_HEADER.pack(pdu_type, len(body)) + body
         try:
-            if pdu_type == pdu.A_ASSOCIATE_AC_TYPE:
+            if pdu_type == ul.A_ASSOCIATE_AC_TYPE:
                 ac = A_ASSOCIATE_AC()
                 ac.decode(raw)
                 return ac.to_primitive()
             rj = A_ASSOCIATE_RJ()
-            if pdu_type == pdu.A_ASSOCIATE_RJ_TYPE:
+            if pdu_type == ul.A_ASSOCIATE_RJ_TYPE:
                 rj.decode(raw)
         except Exception as exc:  # pynetdicom raises assorted errors on a malformed PDU
             raise AssociationRefused(
                 f"{self.peer} sent an undecodable answer to the association request: {exc}"
             ) from None
-        if pdu_type == pdu.A_ASSOCIATE_RJ_TYPE:
+        if pdu_type == ul.A_ASSOCIATE_RJ_TYPE:
             result, source, reason = (
                 int(rj.result or 0),
                 int(rj.source or 0),
                 int(rj.reason_diagnostic or 0),
             )
             raise AssociationRefused(rejection_text(self.peer, result, source, reason))
-        if pdu_type == pdu.A_ABORT_TYPE:
+        if pdu_type == ul.A_ABORT_TYPE:
             raise AssociationRefused(
                 f"{self.peer} aborted the association during negotiation ({pdu.abort_text(raw)})"
             )
@@ -233,7 +234,7 @@ class ScuAssociation:
         except (OSError, _PeerClosed, pdu.ProtocolError) as exc:
             self.abort()
             raise AssociationLost(f"the release failed: {_describe(exc, self.settings)}") from None
-        if pdu_type != pdu.A_RELEASE_RP_TYPE:
+        if pdu_type != ul.A_RELEASE_RP_TYPE:
             self.abort()
             raise AssociationLost(f"the peer answered A-RELEASE-RQ with PDU type 0x{pdu_type:02X}")
         self.established = False
@@ -335,7 +336,7 @@ class ScuAssociation:
         # The peer may have said why before it closed: an A-ABORT waiting to be read.
         with contextlib.suppress(OSError, _PeerClosed, pdu.ProtocolError):
             pdu_type, body = self._read_pdu(time.monotonic() + 0.2)
-            if pdu_type == pdu.A_ABORT_TYPE:
+            if pdu_type == ul.A_ABORT_TYPE:
                 return f"the peer aborted the association ({pdu.abort_text(pdu.abort_pdu(body))})"
         return f"the connection was lost ({exc.strerror or exc})"
 
@@ -371,9 +372,9 @@ class ScuAssociation:
         command = bytearray()
         while True:
             pdu_type, body = self._read_pdu(deadline)
-            if pdu_type == pdu.A_ABORT_TYPE:
+            if pdu_type == ul.A_ABORT_TYPE:
                 raise _PeerAborted(pdu.abort_text(pdu.abort_pdu(body)))
-            if pdu_type != pdu.P_DATA_TF_TYPE:
+            if pdu_type != ul.P_DATA_TF_TYPE:
                 raise pdu.ProtocolError(f"unexpected PDU type 0x{pdu_type:02X}")
             if pdu.command_fragments(body, command):
                 return dimse.decode_response(bytes(command))
