@@ -21,10 +21,11 @@ cannot starve the normal ones even when only one slot frees at a time.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -42,6 +43,7 @@ from common.spool import (
     stale_reason,
 )
 from common.task import Task, TaskError, read_task
+from common.task_events import TaskEventRecorder
 
 logger = logging.getLogger(__name__)
 
@@ -221,5 +223,27 @@ def move_broken(folder: Path, error_root: Path, *, service: str, stage: str, rea
         logger.error("task folder %s is broken, moving it to error/: %s", folder.name, reason)
         destination = move_claimed(folder, error_root, lock)
         atomic_write_bytes(destination / Marker.ERROR, f"{stage}: {reason}\n".encode())
+    finally:
+        lock.release()
+
+
+@contextlib.contextmanager
+def claimed(folder: Path, service: str, events: TaskEventRecorder) -> Iterator[SpoolLock | None]:
+    """Hold the ``.processing`` claim of ``folder`` for the block: ``None`` when another live
+    service holds it or the folder is gone; a dead owner's claim is taken over, logged and
+    recorded (``lock_recovered``). The claim is released at the end, wherever it moved to."""
+    lock = SpoolLock(folder / Marker.PROCESSING, service)
+    try:
+        lock.acquire()
+    except (LockedError, FileNotFoundError):
+        yield None
+        return
+    try:
+        if lock.recovered is not None:
+            logger.warning(
+                "task %s: took over a stale claim (%s)", folder.name, lock.recovered.reason
+            )
+            events.lock_recovered(folder.name, lock.recovered)
+        yield lock
     finally:
         lock.release()

@@ -26,10 +26,9 @@ from enum import StrEnum
 from pathlib import Path
 
 from common.config import Config
-from common.errors import LockedError
 from common.spool import Marker, SpoolLock, SpoolPaths, atomic_write_bytes, move_claimed
 from common.task import Task, TaskDispatch, TaskError, now_utc, read_task, write_task
-from common.task_queue import move_broken
+from common.task_queue import claimed, move_broken
 from dispatcher import status
 from dispatcher.events import DispatchEvents
 from dispatcher.settings import DispatcherSettings
@@ -67,20 +66,10 @@ class TaskRunner:
         self.cancel = cancel if cancel is not None else threading.Event()
 
     def run(self, folder: Path, config: Config, settings: DispatcherSettings) -> Outcome:
-        lock = SpoolLock(folder / Marker.PROCESSING, SERVICE)
-        try:
-            lock.acquire()
-        except (LockedError, FileNotFoundError):
-            return Outcome.BUSY
-        try:
-            if lock.recovered is not None:
-                logger.warning(
-                    "task %s: took over a stale claim (%s)", folder.name, lock.recovered.reason
-                )
-                self.events.lock_recovered(folder.name, lock.recovered)
+        with claimed(folder, SERVICE, self.events) as lock:
+            if lock is None:
+                return Outcome.BUSY
             return self._attempt(folder, lock, config, settings)
-        finally:
-            lock.release()
 
     def fail_broken(self, folder: Path, reason: str) -> None:
         """Move a folder whose ``task.json`` cannot be read to ``error/``."""

@@ -25,7 +25,6 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Mapping
 from datetime import timedelta
 from enum import StrEnum
 from pathlib import Path
@@ -33,8 +32,7 @@ from typing import Final
 
 import docker
 
-from common.config import Config, Module, Rule
-from common.errors import LockedError
+from common.config import Config, Module
 from common.spool import (
     Marker,
     SpoolLock,
@@ -46,7 +44,7 @@ from common.spool import (
     unique_destination,
 )
 from common.task import Task, TaskError, TaskProcessing, now_utc, read_task, write_task
-from common.task_queue import move_broken
+from common.task_queue import claimed, move_broken
 from processor import workspace
 from processor.events import ProcessEvents
 from processor.routing import decide_routing
@@ -92,31 +90,24 @@ class ProcessRunner:
         self.paths = paths
         self.events = events
         self.cancel = cancel if cancel is not None else threading.Event()
-        self.config_rules: Mapping[str, Rule] = {}
-        """The rules of the configuration of the latest attempt (for error notifications)."""
 
     def run(self, folder: Path, config: Config, settings: ProcessorSettings) -> Outcome:
-        self.config_rules = config.rules
-        lock = SpoolLock(folder / Marker.PROCESSING, SERVICE)
-        try:
-            lock.acquire()
-        except (LockedError, FileNotFoundError):
-            return Outcome.BUSY
-        try:
-            if lock.recovered is not None:
-                logger.warning(
-                    "task %s: took over a stale claim (%s)", folder.name, lock.recovered.reason
-                )
-                self.events.lock_recovered(folder.name, lock.recovered)
-            return self._attempt(Workspace(folder), lock, config, settings)
-        except Exception as exc:  # a bug or an OS error (disk full): never a hot loop
-            logger.exception("task %s: the attempt failed unexpectedly", folder.name)
-            return self._unexpected(Workspace(folder), lock, settings, exc)
-        finally:
-            lock.release()
+        with claimed(folder, SERVICE, self.events) as lock:
+            if lock is None:
+                return Outcome.BUSY
+            try:
+                return self._attempt(Workspace(folder), lock, config, settings)
+            except Exception as exc:  # a bug or an OS error (disk full): never a hot loop
+                logger.exception("task %s: the attempt failed unexpectedly", folder.name)
+                return self._unexpected(Workspace(folder), lock, config, settings, exc)
 
     def _unexpected(
-        self, ws: Workspace, lock: SpoolLock, settings: ProcessorSettings, exc: Exception
+        self,
+        ws: Workspace,
+        lock: SpoolLock,
+        config: Config,
+        settings: ProcessorSettings,
+        exc: Exception,
     ) -> Outcome:
         """Count an unexpected failure as an engine-type one (backoff, then ``error/``);
         when even that cannot be written, the task is left for the next scan."""
@@ -126,7 +117,7 @@ class ProcessRunner:
             return Outcome.RETRY
         try:
             task = read_task(ws.task_file, report=False)
-            return self._failed(ws, lock, task, reason, settings, module_retries=None)
+            return self._failed(ws, lock, task, reason, config, settings, module_retries=None)
         except Exception:
             logger.exception("task %s: cannot record the failure", ws.folder.name)
             return Outcome.RETRY
@@ -150,11 +141,11 @@ class ProcessRunner:
             return Outcome.NOT_DUE
         ws.gather_input()  # error/ always holds the input in input/
         if not task.processing_steps:
-            return self._give_up(ws, lock, task, "the task names no processing module")
+            return self._give_up(ws, lock, task, "the task names no processing module", config)
         try:
             modules = [_module_of(step, config) for step in task.processing_steps]
         except ConfigFailure as exc:
-            return self._give_up(ws, lock, task, str(exc))
+            return self._give_up(ws, lock, task, str(exc), config)
         return self._execute(ws, lock, task, modules, config, settings)
 
     def _load(self, ws: Workspace, lock: SpoolLock) -> Task | Outcome:
@@ -199,12 +190,12 @@ class ProcessRunner:
             return Outcome.STOPPED
         except ModuleFailure as exc:
             retries = modules[exc.step].retries
-            return self._failed(ws, lock, task, str(exc), settings, module_retries=retries)
+            return self._failed(ws, lock, task, str(exc), config, settings, module_retries=retries)
         except EngineFailure as exc:
             self.events.engine_unreachable(str(exc))
-            return self._failed(ws, lock, task, str(exc), settings, module_retries=None)
+            return self._failed(ws, lock, task, str(exc), config, settings, module_retries=None)
         except ConfigFailure as exc:
-            return self._give_up(ws, lock, task, str(exc))
+            return self._give_up(ws, lock, task, str(exc), config)
         finally:
             if client is not None:
                 client.close()
@@ -380,6 +371,7 @@ class ProcessRunner:
         lock: SpoolLock,
         task: Task,
         reason: str,
+        config: Config,
         settings: ProcessorSettings,
         *,
         module_retries: int | None,
@@ -395,7 +387,7 @@ class ProcessRunner:
             retry = info.process_engine_failures < settings.retry_max
             wait = settings.retry_wait(info.process_engine_failures) if retry else 0.0
         if not retry:
-            return self._give_up(ws, lock, task, reason)
+            return self._give_up(ws, lock, task, reason, config)
         info.process_next_retry_at = now_utc() + timedelta(seconds=wait)
         info.fail_reason = reason
         write_task(ws.task_file, task)
@@ -410,15 +402,18 @@ class ProcessRunner:
         )
         return Outcome.RETRY
 
-    def _notifies_errors(self, task: Task) -> bool:
-        rule = self.config_rules.get(task.info.applied_rule or "")
+    @staticmethod
+    def _notifies_errors(task: Task, config: Config) -> bool:
+        rule = config.rules.get(task.info.applied_rule or "")
         return bool(
             rule is not None
             and rule.notification_trigger_error
             and (rule.notification_webhook or rule.notification_email)
         )
 
-    def _give_up(self, ws: Workspace, lock: SpoolLock, task: Task, reason: str) -> Outcome:
+    def _give_up(
+        self, ws: Workspace, lock: SpoolLock, task: Task, reason: str, config: Config
+    ) -> Outcome:
         task.info.fail_stage = "PROCESSING"
         task.info.fail_reason = reason
         task.info.process_next_retry_at = None
@@ -426,7 +421,7 @@ class ProcessRunner:
         _keep_only_logs(ws)
         logger.error("task %s failed: %s", task.id, reason, extra={"task_id": task.id})
         self.events.failed(task, reason)
-        if self._notifies_errors(task):
+        if self._notifies_errors(task, config):
             self.events.notification_requested(task, reason, trigger="error")
         destination = move_claimed(ws.folder, self.paths.error, lock)
         self.events.moved(task, ws.folder, destination, "error")
