@@ -7,11 +7,9 @@ dispatcher's retry time is ``dispatch.next_retry_at``.
 
 from __future__ import annotations
 
+import functools
 from datetime import datetime
-from pathlib import Path
 
-from common.config import Config
-from common.spool import DEFAULT_STALE_AFTER
 from common.task import Task
 from common.task_queue import (
     BROKEN_GRACE,
@@ -38,24 +36,6 @@ def next_retry_at(task: Task) -> datetime | None:
     return task.dispatch.next_retry_at if task.dispatch is not None else None
 
 
-def scan(
-    outgoing: Path,
-    config: Config,
-    *,
-    now: datetime,
-    offpeak: bool,
-    cache: TaskCache,
-    skip: frozenset[str] = frozenset(),
-    stale_after: float = DEFAULT_STALE_AFTER,
-) -> tuple[list[Candidate], list[Broken]]:
-    """Ready and broken folders of ``outgoing`` (``skip``: task ids already in flight here)."""
-    return scan_tasks(
-        outgoing,
-        config,
-        retry_at=next_retry_at,
-        now=now,
-        offpeak=offpeak,
-        cache=cache,
-        skip=skip,
-        stale_after=stale_after,
-    )
+scan = functools.partial(scan_tasks, retry_at=next_retry_at)
+"""Ready and broken folders of ``outgoing/``: :func:`common.task_queue.scan_tasks` with the
+dispatcher's retry time."""

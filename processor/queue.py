@@ -7,13 +7,12 @@ complete) is always ready.
 
 from __future__ import annotations
 
+import functools
 from datetime import datetime
 from pathlib import Path
 
-from common.config import Config
-from common.spool import DEFAULT_STALE_AFTER
 from common.task import Task
-from common.task_queue import Broken, Candidate, TaskCache, scan_tasks
+from common.task_queue import scan_tasks
 from processor.workspace import FINISHED
 
 
@@ -25,25 +24,6 @@ def has_finished(folder: Path) -> bool:
     return (folder / FINISHED).exists()
 
 
-def scan(
-    processing: Path,
-    config: Config,
-    *,
-    now: datetime,
-    offpeak: bool,
-    cache: TaskCache,
-    skip: frozenset[str] = frozenset(),
-    stale_after: float = DEFAULT_STALE_AFTER,
-) -> tuple[list[Candidate], list[Broken]]:
-    """Ready and broken folders of ``processing`` (``skip``: task ids in flight here)."""
-    return scan_tasks(
-        processing,
-        config,
-        retry_at=next_retry_at,
-        now=now,
-        offpeak=offpeak,
-        cache=cache,
-        skip=skip,
-        stale_after=stale_after,
-        always_ready=has_finished,
-    )
+scan = functools.partial(scan_tasks, retry_at=next_retry_at, always_ready=has_finished)
+"""Ready and broken folders of ``processing/``: :func:`common.task_queue.scan_tasks` with the
+processor's retry time, a ``.finished`` folder always ready."""
